@@ -1,0 +1,34 @@
+# make test   - venv (unless one is active), torch if missing, the package with [test], pytest
+# make bench  - the main job: every op on every available backend against the float64 reference
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+
+ifdef VIRTUAL_ENV
+PY := python
+else
+PY := $(VENV)/bin/python
+endif
+
+.PHONY: test bench install info clean
+
+$(VENV)/bin/python:
+	@if [ -z "$$VIRTUAL_ENV" ]; then $(PYTHON) -m venv $(VENV); fi
+
+install: $(if $(VIRTUAL_ENV),,$(VENV)/bin/python)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+
+test: install
+	@# Triton kernels run on the CPU interpreter here; on a GPU machine unset it to test the compiled kernels.
+	TRITON_INTERPRET=$${TRITON_INTERPRET-1} $(PY) -m pytest tests -q
+
+bench: install
+	$(PY) -m pyobjectives compare
+
+info: install
+	$(PY) -m pyobjectives info
+
+clean:
+	rm -rf build *.egg-info pyobjectives/_C*.so .pytest_cache

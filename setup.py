@@ -1,0 +1,60 @@
+"""Build: pure-Python package + Triton kernels, and the C++/CUDA extension when csrc/ has sources.
+
+Install with ``pip install --no-build-isolation -e .``: torch must already be
+importable (the extension is built against the installed torch).
+
+Environment:
+  FORCE_CUDA=1                    build the CUDA sources even where torch sees no GPU (needs nvcc / CUDA_HOME)
+  PYOBJECTIVES_SKIP_CUDA_BUILD=1  build only the C++ (CPU) sources
+  TORCH_CUDA_ARCH_LIST, MAX_JOBS  honoured by torch.utils.cpp_extension
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def extensions():
+    cpp = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    if not cpp and not cu:
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    skip_cuda = os.environ.get("PYOBJECTIVES_SKIP_CUDA_BUILD", "0") == "1"
+    force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
+    with_cuda = bool(cu) and not skip_cuda and CUDA_HOME is not None and torch.version.cuda is not None and (
+        force_cuda or torch.cuda.is_available())
+    cxx = ["-O3", "-std=c++17"]
+    if with_cuda:
+        ext = CUDAExtension("pyobjectives._C", cpp + cu, define_macros=[("PYOBJECTIVES_WITH_CUDA", None)],
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math",
+                                                                      "-lineinfo"]})
+    else:
+        ext = CppExtension("pyobjectives._C", cpp, extra_compile_args={"cxx": cxx})
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="pyobjectives",
+    version="0.1.0",
+    description="Fast, verified kernels for XLNet two-stream relative attention and ELECTRA's objective",
+    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["pyobjectives", "pyobjectives.reference", "pyobjectives.integrations", "pyobjectives.kernels"],
+    package_dir={"pyobjectives.kernels": "kernels"},
+    install_requires=["torch>=2.4", "numpy", "triton>=3.6; platform_system == 'Linux'"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.40"],
+        "bench": ["matplotlib"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

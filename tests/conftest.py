@@ -1,0 +1,33 @@
+"""Shared test tools: the spec's tolerance policy, dtype ids, seeded fresh inputs."""
+
+import os
+import zlib
+
+import pytest
+import torch
+
+# Interpreter-run Triton tests need this before triton is imported anywhere.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+#: Absolute floor added to the 2x rule, per test dtype (spec: tolerance policy).
+FLOOR = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 2e-3, torch.bfloat16: 2e-3}
+DTYPE_ID = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def max_err(x: torch.Tensor, oracle: torch.Tensor) -> float:
+    return (x.double() - oracle.double()).abs().max().item() if x.numel() else 0.0
+
+
+def assert_policy(name: str, candidate: torch.Tensor, same_dtype_ref: torch.Tensor, oracle: torch.Tensor, dtype):
+    """Spec policy: err(candidate vs float64 oracle) <= 2 * err(same-dtype reference) + floor; never NaN/Inf."""
+    assert candidate.shape == oracle.shape, f"{name}: shape {tuple(candidate.shape)} != {tuple(oracle.shape)}"
+    assert torch.isfinite(candidate).all(), f"{name}: NaN or Inf"
+    err, ref_err = max_err(candidate, oracle), max_err(same_dtype_ref, oracle)
+    bound = 2 * ref_err + FLOOR[dtype]
+    assert err <= bound, f"{name}: error {err:.3e} > 2 x reference error {ref_err:.3e} + floor {FLOOR[dtype]:.0e}"
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything(request):
+    # Fresh inputs per test, reproducible per test id.
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
