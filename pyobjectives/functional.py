@@ -66,8 +66,10 @@ def two_stream_attention(q, k, v, r, r_w_bias, r_r_bias, *, q_g=None, target_pos
     Mask semantics: all given masks combine (a pair is visible only if every
     mask allows it). The content stream always sees its own position
     ``j = M + i`` (HF's ``non_tgt_mask``); the query stream does not. A row with
-    no visible key outputs 0 with zero gradient (``empty_rows="zero"``) or the
-    mean of all values (``"uniform"``, HF's behaviour).
+    no visible key outputs 0 with zero gradient (``empty_rows="zero"``) or, as
+    HF does, the mean of all values (``"uniform"``), with HF's gradient: the
+    softmax Jacobian at the uniform distribution, which autograd yields for HF's
+    ``score - 1e30`` fill although the value no longer depends on the scores.
 
     Other options: ``scale`` defaults to ``1/sqrt(D)``. ``dropout_p`` drops
     attention probabilities with Philox noise keyed on ``seed`` (drawn from

@@ -87,7 +87,11 @@ class TwoStreamRelativeAttention(nn.Module):
     one call. A one-hot ``target_mapping`` becomes ``target_pos`` (the query
     stream then costs P rows, not Lq); any other mapping is applied as HF does,
     by scattering to all Lq rows. ``output_attentions=True`` runs the reference.
-    ``empty_rows="uniform"`` (default) reproduces HF on fully masked rows.
+    ``empty_rows="uniform"`` (default) reproduces HF on fully masked rows, gradient
+    included. One HF artefact is not reproduced: with ``attn_type="uni"`` HF's
+    ``rel_shift`` reads a neighbouring row's position scores for masked pairs;
+    they change no output, but on a row whose keys are *all* masked they reach
+    HF's gradient. Here those pairs use 0, as the spec defines.
     """
 
     def __init__(self, d_model: int, n_head: int, d_head: int | None = None, *, layer_norm_eps: float = 1e-12,

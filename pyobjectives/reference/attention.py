@@ -108,7 +108,9 @@ def _stream(qx, pos, row_valid, is_content, *, k, v, r, r_w_bias, r_r_bias, Lq, 
     has_visible = visible.any(dim=-1, keepdim=True)
     probs = expd / torch.where(has_visible, denom, torch.ones_like(denom))
     if empty_rows == "uniform":
-        probs = torch.where(has_visible, probs, torch.full_like(probs, 1.0 / Lk))
+        # HF subtracts 1e30 from masked scores: the value becomes uniform, but autograd still
+        # differentiates the softmax (at the uniform point). softmax(s - s.detach()) is exactly that.
+        probs = torch.where(has_visible, probs, torch.softmax(score - score.detach(), dim=-1))
 
     if dropout_p > 0.0:
         keep = philox_uniform(seed, _dropout_offsets(B, H, rows, Lk, dropout_base, dev)) >= dropout_p
