@@ -6,8 +6,13 @@ import zlib
 import pytest
 import torch
 
-# Interpreter-run Triton tests need this before triton is imported anywhere.
+# Triton reads TRITON_INTERPRET when its own jit functions (tl.rand, ...) are created, i.e. on
+# import: import it now, in interpreter mode unless the caller chose otherwise (GPU runs set 0).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+try:
+    import triton  # noqa: F401
+except ImportError:
+    pass
 
 #: Absolute floor added to the 2x rule, per test dtype (spec: tolerance policy).
 FLOOR = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 2e-3, torch.bfloat16: 2e-3}

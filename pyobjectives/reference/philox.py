@@ -40,18 +40,14 @@ SEED_RANGE = 2**63
 
 
 def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """High and low 32 bits of ``a * b`` for a 32-bit constant ``a`` and uint32 values in int64.
+    """High and low 32 bits of ``a * b`` for a 32-bit constant ``a`` and uint32 values held in int64.
 
-    The product needs 64 unsigned bits, more than int64 holds, so it is built
-    from 16-bit halves whose partial products stay below 2**50.
+    The 64-bit product can exceed int64: torch's integer multiply wraps modulo 2**64 (two's
+    complement, on CPU and CUDA), which keeps all 64 bits; the known-answer test and the
+    ``tl.rand`` comparison in tests/test_philox.py guard that assumption.
     """
-    a_hi, a_lo = a >> 16, a & 0xFFFF
-    b_hi, b_lo = b >> 16, b & 0xFFFF
-    lo_lo = a_lo * b_lo
-    mid = a_hi * b_lo + a_lo * b_hi + (lo_lo >> 16)
-    hi = a_hi * b_hi + (mid >> 16)
-    lo = (((mid & 0xFFFF) << 16) | (lo_lo & 0xFFFF)) & _MASK32
-    return hi & _MASK32, lo
+    product = b * a
+    return (product >> 32) & _MASK32, product & _MASK32
 
 
 def philox_uint32(seed: int, offset: torch.Tensor, n_rounds: int = N_ROUNDS) -> torch.Tensor:
