@@ -180,3 +180,13 @@ def test_cli_runs(command):
         assert pyobjectives.__version__ in proc.stdout
     else:
         assert proc.stdout.count(" ok ") >= 3 and "FAIL" not in proc.stdout
+
+
+def test_readme_example_runs():
+    import pathlib
+    import re
+    readme = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+    code = re.search(r"```python\n(.*?)```", readme.read_text(), re.S).group(1)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["out_g"].shape[1] == scope["P"] and torch.isfinite(scope["out_h"]).all()
