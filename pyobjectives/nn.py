@@ -7,8 +7,15 @@ import weakref
 import torch
 from torch import nn
 
+from . import _checks as check
 from . import functional as F
 from . import reference
+from .backends import BACKEND_NAMES
+
+
+def _check_options(backend: str, empty_rows: str) -> None:
+    check.choice("backend", backend, BACKEND_NAMES)
+    check.choice("empty_rows", empty_rows, F.EMPTY_ROWS)
 
 
 class RTDLoss(nn.Module):
@@ -97,6 +104,7 @@ class TwoStreamRelativeAttention(nn.Module):
     def __init__(self, d_model: int, n_head: int, d_head: int | None = None, *, layer_norm_eps: float = 1e-12,
                  dropout: float = 0.1, backend: str = "auto", empty_rows: str = "uniform"):
         super().__init__()
+        _check_options(backend, empty_rows)
         if d_head is None:
             if d_model % n_head:
                 raise ValueError(f"d_model ({d_model}) must be a multiple of n_head ({n_head}) when d_head is not given")
@@ -122,6 +130,7 @@ class TwoStreamRelativeAttention(nn.Module):
     @classmethod
     def from_hf(cls, module: nn.Module, backend: str = "auto", empty_rows: str = "uniform"):
         """Wrap an HF ``XLNetRelativeAttention``, sharing (not copying) its parameters and submodules."""
+        _check_options(backend, empty_rows)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.n_head, new.d_head, new.d_model, new.scale = module.n_head, module.d_head, module.d_model, module.scale

@@ -128,9 +128,13 @@ def test_state_dict_and_parameters_are_shared():
     patch_xlnet(fresh).load_state_dict(hf.state_dict())
 
 
-def test_patch_requires_xlnet_layers():
+def test_patch_requires_xlnet_layers_and_valid_options():
     with pytest.raises(ValueError, match="no transformers XLNetRelativeAttention"):
         patch_xlnet(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        patch_xlnet(XLNetLMHeadModel(tiny_config()), backend="tpu")
+    with pytest.raises(ValueError, match="empty_rows must be one of"):
+        pnn.TwoStreamRelativeAttention(32, 4, empty_rows="nan")
 
 
 def test_standalone_module_matches_hf_layer():
