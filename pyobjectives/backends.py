@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -162,8 +163,22 @@ def _load_reference(name: str):
     return loader
 
 
+def _register_triton_kernels() -> None:
+    """The triton backend implements op X in ``pyobjectives.kernels.X``, which defines ``X(**inputs)``
+    (the reference's keyword arguments) and ``not_supported_reasons(inputs)``. Finding the module
+    does not import it, so Triton is imported only after the backend's probe has passed."""
+    for op in OPS:
+        module = f"pyobjectives.kernels.{op}"
+        if importlib.util.find_spec(module) is None:
+            continue
+        BACKENDS["triton"].register(
+            op, loader=lambda module=module, op=op: getattr(importlib.import_module(module), op),
+            not_supported_reasons=lambda inputs, module=module: importlib.import_module(module).not_supported_reasons(inputs))
+
+
 for _op in OPS:
     BACKENDS["reference"].register(_op, _load_reference(_op))
+_register_triton_kernels()
 
 
 # --- dispatch -------------------------------------------------------------------------

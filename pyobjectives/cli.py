@@ -26,6 +26,7 @@ from .backends import BACKEND_ENV, BACKENDS, OPS, PRIORITY, triton_interpreter_e
 ENV_VARS = {
     BACKEND_ENV: "backend used when a call says backend='auto' (auto, cuda, triton, cpu, reference)",
     "TRITON_INTERPRET": "1 runs Triton kernels on the CPU interpreter (correctness only, slow)",
+    "PYOBJECTIVES_POISON_OUTPUTS": "1 fills kernel outputs with NaN before launch (tests: unwritten elements fail)",
     "FORCE_CUDA": "setup.py: build the CUDA sources even where no GPU is visible",
     "PYOBJECTIVES_SKIP_CUDA_BUILD": "setup.py: build only the C++ (CPU) sources",
     "TORCH_CUDA_ARCH_LIST": "setup.py: GPU architectures to compile for",

@@ -9,6 +9,8 @@ import torch
 # Triton reads TRITON_INTERPRET when its own jit functions (tl.rand, ...) are created, i.e. on
 # import: import it now, in interpreter mode unless the caller chose otherwise (GPU runs set 0).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Kernel outputs start as NaN so that an element a kernel forgets to write fails the test.
+os.environ["PYOBJECTIVES_POISON_OUTPUTS"] = "1"
 try:
     import triton  # noqa: F401
 except ImportError:
