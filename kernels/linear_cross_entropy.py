@@ -1,0 +1,454 @@
+"""Fused generator linear + cross-entropy + Gumbel-max sampling (Triton); the logits are never stored.
+
+``z = hidden @ weight.T + bias`` is produced one ``[BLOCK_N, BLOCK_V]`` tile at a time by
+``tl.dot`` over ``BLOCK_E`` slices (float32 accumulation, float64 for float64 inputs) and
+consumed in registers:
+
+* forward (grid: row blocks x vocabulary splits): online logsumexp, the target logit, and
+  with ``sample=True`` a running argmax of ``float(z) / temperature + g`` with Gumbel noise
+  ``g = -log(-log(tl.rand(seed, n * V + v)))`` keyed on the *original* row n; optionally a
+  running argmax of z (generator accuracy). Splits combine like a running max, so samples do
+  not depend on tile sizes or splits and equal the reference's.
+* backward, exact (every tile, no filtering), recomputing z:
+  ``dz = (softmax(z) - onehot(target)) * coef_n`` with ``coef = grad_out / n_kept`` (mean),
+  ``grad_out`` (sum) or ``grad_out[n]`` (none);
+  ``d hidden = dz @ weight`` (grid: row blocks x E slices [x vocabulary splits]) and
+  ``d weight = dz^T @ hidden``, ``d bias = sum_n dz`` (grid: vocabulary tiles x E slices);
+  each output tile is owned by one program: no atomics, deterministic.
+
+Rows whose target is ``ignore_index`` are compacted away without a host synchronisation: a
+stable argsort puts the kept rows first and the kernels read their count from device memory,
+so row blocks past it do nothing (when sampling, every row is still swept for its sample,
+as the reference samples every row). Extra memory is O(N) (log-sum-exp, per-row partials)
+plus the gradients themselves, against eager PyTorch's ``[N, V]`` logits, softmax and
+logit gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import new_output
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
+
+#: Tests may override block sizes / splits here (keys of :func:`_config`'s result) to exercise tilings.
+CONFIG_OVERRIDE: dict = {}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _cast(x, DT: tl.constexpr, INTERP: tl.constexpr):
+    """``x.to(DT)`` rounding to nearest even; the interpreter's own float32 -> bfloat16 cast truncates."""
+    if INTERP and DT == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(DT)
+    else:
+        return x.to(DT)
+
+
+@triton.jit
+def _logits_tile(acc, h_ptr, w_ptr, rows, r_ok, v, v_ok, E, s_hn, s_he, s_wv, s_we,
+                 BLOCK_E: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """``acc + hidden[rows] @ weight[v].T`` as a ``[len(rows), len(v)]`` tile."""
+    offs_e = tl.arange(0, BLOCK_E)
+    for e0 in range(0, E, BLOCK_E):
+        e = e0 + offs_e
+        e_ok = e < E
+        a = tl.load(h_ptr + rows[:, None] * s_hn + e[None, :] * s_he, mask=r_ok[:, None] & e_ok[None, :], other=0)
+        b = tl.load(w_ptr + e[:, None] * s_we + v[None, :] * s_wv, mask=e_ok[:, None] & v_ok[None, :], other=0)
+        acc = tl.dot(a.to(DOT_DT), b.to(DOT_DT), acc, input_precision=PREC, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def _lce_fwd_kernel(
+    h_ptr, w_ptr, b_ptr, tgt_ptr, order_ptr, nkeep_ptr, dis_ptr,
+    lse_ptr, tgl_ptr, smax_ptr, sidx_ptr, amax_ptr, aidx_ptr,
+    N, V, E, seed, temperature, tiles_per_split,
+    s_hn, s_he, s_wv, s_we, s_t, s_dis,
+    HAS_BIAS: tl.constexpr, SAMPLE: tl.constexpr, ARGMAX: tl.constexpr, HAS_DIS: tl.constexpr,
+    IN_DT: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, INTERP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    r = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    r_ok = r < N
+    n_keep = tl.load(nkeep_ptr)
+    kept = r < n_keep
+    rows = tl.load(order_ptr + r, mask=r_ok, other=0).to(tl.int64)
+    tgt = tl.load(tgt_ptr + rows * s_t, mask=r_ok & kept, other=-1).to(tl.int32)
+    tgt = tl.where(kept, tgt, -1)
+    if HAS_DIS:
+        dis = tl.load(dis_ptr + rows * s_dis, mask=r_ok, other=-1).to(tl.int64)
+    v_lo = pid_s * tiles_per_split * BLOCK_V
+    v_hi = tl.minimum(V, v_lo + tiles_per_split * BLOCK_V)
+    if not SAMPLE:
+        # rows past the kept ones have nothing to compute
+        v_hi = tl.where(pid_n * BLOCK_N < n_keep, v_hi, v_lo)
+    offs_v = tl.arange(0, BLOCK_V)
+    m = tl.full([BLOCK_N], float("-inf"), ACC)
+    ssum = tl.zeros([BLOCK_N], ACC)
+    tlogit = tl.zeros([BLOCK_N], ACC)
+    s_best = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s_idx = tl.zeros([BLOCK_N], tl.int32)
+    a_best = tl.full([BLOCK_N], float("-inf"), ACC)
+    a_idx = tl.zeros([BLOCK_N], tl.int32)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        v = v0 + offs_v
+        v_ok = v < V
+        z = _logits_tile(tl.zeros([BLOCK_N, BLOCK_V], ACC), h_ptr, w_ptr, rows, r_ok, v.to(tl.int64), v_ok, E,
+                         s_hn, s_he, s_wv, s_we, BLOCK_E, DOT_DT, PREC, ACC)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + v, mask=v_ok, other=0)
+            zb = z + bias.to(ACC)[None, :]
+        else:
+            zb = z
+        zb = tl.where(v_ok[None, :], zb, float("-inf"))
+        m_new = tl.maximum(m, tl.max(zb, 1))
+        ssum = ssum * tl.exp(m - m_new) + tl.sum(tl.exp(zb - m_new[:, None]), 1)
+        m = m_new
+        tlogit += tl.sum(tl.where(v[None, :] == tgt[:, None], zb, 0.0), 1)
+        if SAMPLE:
+            # as the reference: the logits in the input dtype (matmul, then + bias, each rounded
+            # to it), then float32 / temperature + Gumbel noise
+            zs = _cast(z, IN_DT, INTERP)
+            if HAS_BIAS:
+                zs = _cast(zs.to(ACC) + bias.to(ACC)[None, :], IN_DT, INTERP)
+            zs = zs.to(tl.float32) / temperature
+            u = tl.rand(seed, rows[:, None] * V + v[None, :].to(tl.int64))
+            score = zs - tl.log(-tl.log(u))
+            if HAS_DIS:
+                score = tl.where(v[None, :].to(tl.int64) == dis[:, None], float("-inf"), score)
+            score = tl.where(v_ok[None, :], score, float("-inf"))
+            t_max = tl.max(score, 1)
+            t_idx = tl.min(tl.where(score == t_max[:, None], v[None, :], 2147483647), 1)
+            better = t_max > s_best
+            s_best = tl.where(better, t_max, s_best)
+            s_idx = tl.where(better, t_idx, s_idx)
+        if ARGMAX:
+            t_max = tl.max(zb, 1)
+            t_idx = tl.min(tl.where(zb == t_max[:, None], v[None, :], 2147483647), 1)
+            better = t_max > a_best
+            a_best = tl.where(better, t_max, a_best)
+            a_idx = tl.where(better, t_idx, a_idx)
+    out = pid_s * N + rows
+    has_sum = kept & (ssum > 0)
+    tl.store(lse_ptr + out, tl.where(has_sum, m + tl.log(tl.where(has_sum, ssum, 1.0)), 0.0), mask=r_ok)
+    tl.store(tgl_ptr + out, tlogit, mask=r_ok)
+    if SAMPLE:
+        tl.store(smax_ptr + out, s_best, mask=r_ok)
+        tl.store(sidx_ptr + out, s_idx, mask=r_ok)
+    if ARGMAX:
+        tl.store(amax_ptr + out, a_best, mask=r_ok)
+        tl.store(aidx_ptr + out, a_idx, mask=r_ok)
+
+
+@triton.jit
+def _lce_bwd_dh_kernel(
+    h_ptr, w_ptr, b_ptr, tgt_ptr, order_ptr, nkeep_ptr, lse_ptr, coef_ptr, dh_ptr,
+    N, V, E, tiles_per_split, coef_stride,
+    s_hn, s_he, s_wv, s_we, s_t,
+    HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+    IN_DT: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, INTERP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EO: tl.constexpr,
+):
+    """``d hidden[rows, e-slice] = sum_v dz[rows, v] weight[v, e-slice]`` over this split's vocabulary."""
+    pid_n = tl.program_id(0)
+    pid_e = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    r = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    r_ok = r < N
+    n_keep = tl.load(nkeep_ptr)
+    kept = r < n_keep
+    rows = tl.load(order_ptr + r, mask=r_ok, other=0).to(tl.int64)
+    tgt = tl.where(kept, tl.load(tgt_ptr + rows * s_t, mask=r_ok & kept, other=-1).to(tl.int32), -1)
+    lse = tl.load(lse_ptr + rows, mask=r_ok & kept, other=0)
+    coef = tl.where(kept, tl.load(coef_ptr + rows * coef_stride, mask=r_ok & kept, other=0).to(ACC), 0.0)
+    eo = pid_e * BLOCK_EO + tl.arange(0, BLOCK_EO)
+    eo_ok = eo < E
+    v_lo = pid_s * tiles_per_split * BLOCK_V
+    v_hi = tl.minimum(V, v_lo + tiles_per_split * BLOCK_V)
+    v_hi = tl.where(pid_n * BLOCK_N < n_keep, v_hi, v_lo)
+    offs_v = tl.arange(0, BLOCK_V)
+    acc = tl.zeros([BLOCK_N, BLOCK_EO], ACC)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        v = v0 + offs_v
+        v_ok = v < V
+        v64 = v.to(tl.int64)
+        z = _logits_tile(tl.zeros([BLOCK_N, BLOCK_V], ACC), h_ptr, w_ptr, rows, r_ok, v64, v_ok, E,
+                         s_hn, s_he, s_wv, s_we, BLOCK_E, DOT_DT, PREC, ACC)
+        if HAS_BIAS:
+            z += tl.load(b_ptr + v, mask=v_ok, other=0).to(ACC)[None, :]
+        p = tl.where(v_ok[None, :], tl.exp(z - lse[:, None]), 0.0)
+        dz = (p - tl.where(v[None, :] == tgt[:, None], 1.0, 0.0)) * coef[:, None]
+        wt = tl.load(w_ptr + v64[:, None] * s_wv + eo[None, :] * s_we, mask=v_ok[:, None] & eo_ok[None, :], other=0)
+        acc = tl.dot(_cast(dz, IN_DT, INTERP).to(DOT_DT), wt.to(DOT_DT), acc, input_precision=PREC, out_dtype=ACC)
+    mask = r_ok[:, None] & eo_ok[None, :]
+    if PARTIAL:
+        tl.store(dh_ptr + (pid_s * N + rows)[:, None] * E + eo[None, :], acc.to(dh_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(dh_ptr + rows[:, None] * E + eo[None, :], _cast(acc, dh_ptr.dtype.element_ty, INTERP), mask=mask)
+
+
+@triton.jit
+def _lce_bwd_dw_kernel(
+    h_ptr, w_ptr, b_ptr, tgt_ptr, order_ptr, nkeep_ptr, lse_ptr, coef_ptr, dw_ptr, db_ptr,
+    N, V, E, coef_stride,
+    s_hn, s_he, s_wv, s_we, s_t,
+    HAS_BIAS: tl.constexpr, DW: tl.constexpr, DB: tl.constexpr,
+    IN_DT: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, INTERP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EO: tl.constexpr,
+):
+    """``d weight[v-tile, e-slice] = sum_n dz[n, v-tile]^T hidden[n, e-slice]`` over the kept rows;
+    ``d bias[v-tile] = sum_n dz[n, v-tile]`` (E-slice 0)."""
+    pid_v = tl.program_id(0)
+    pid_e = tl.program_id(1)
+    v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    v_ok = v < V
+    v64 = v.to(tl.int64)
+    eo = pid_e * BLOCK_EO + tl.arange(0, BLOCK_EO)
+    eo_ok = eo < E
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_n = tl.arange(0, BLOCK_N)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + v, mask=v_ok, other=0).to(ACC)
+    n_keep = tl.load(nkeep_ptr)
+    acc = tl.zeros([BLOCK_V, BLOCK_EO], ACC)
+    db = tl.zeros([BLOCK_V], ACC)
+    for r0 in range(0, n_keep, BLOCK_N):
+        r = r0 + offs_n
+        kept = r < n_keep
+        rows = tl.load(order_ptr + r, mask=kept, other=0).to(tl.int64)
+        tgt = tl.where(kept, tl.load(tgt_ptr + rows * s_t, mask=kept, other=-1).to(tl.int32), -1)
+        lse = tl.load(lse_ptr + rows, mask=kept, other=0)
+        coef = tl.where(kept, tl.load(coef_ptr + rows * coef_stride, mask=kept, other=0).to(ACC), 0.0)
+        zt = tl.zeros([BLOCK_V, BLOCK_N], ACC)
+        for e0 in range(0, E, BLOCK_E):
+            e = e0 + offs_e
+            e_ok = e < E
+            a = tl.load(w_ptr + v64[:, None] * s_wv + e[None, :] * s_we, mask=v_ok[:, None] & e_ok[None, :], other=0)
+            b = tl.load(h_ptr + rows[None, :] * s_hn + e[:, None] * s_he, mask=kept[None, :] & e_ok[:, None], other=0)
+            zt = tl.dot(a.to(DOT_DT), b.to(DOT_DT), zt, input_precision=PREC, out_dtype=ACC)
+        if HAS_BIAS:
+            zt += bias[:, None]
+        p = tl.where(v_ok[:, None] & kept[None, :], tl.exp(zt - lse[None, :]), 0.0)
+        dzt = (p - tl.where(v[:, None] == tgt[None, :], 1.0, 0.0)) * coef[None, :]
+        if DB:
+            db += tl.sum(dzt, 1)
+        if DW:
+            hh = tl.load(h_ptr + rows[:, None] * s_hn + eo[None, :] * s_he, mask=kept[:, None] & eo_ok[None, :],
+                         other=0)
+            acc = tl.dot(_cast(dzt, IN_DT, INTERP).to(DOT_DT), hh.to(DOT_DT), acc, input_precision=PREC,
+                         out_dtype=ACC)
+    if DW:
+        tl.store(dw_ptr + v64[:, None] * E + eo[None, :], _cast(acc, dw_ptr.dtype.element_ty, INTERP),
+                 mask=v_ok[:, None] & eo_ok[None, :])
+    if DB:
+        if pid_e == 0:
+            tl.store(db_ptr + v, _cast(db, db_ptr.dtype.element_ty, INTERP), mask=v_ok)
+
+
+# --- launch configuration ------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _config(E: int, V: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Block sizes. The interpreter runs one program at a time with numpy: mid-size tiles keep the
+    number of steps down while still exercising several vocabulary tiles and E slices. On an H100,
+    tensor-core tiles of 64 x 128 (forward) and 64 x 64 (backward), K slices of 64 bf16 / 32 fp32 /
+    16 fp64 elements, backward output slices of up to 256 columns of E (acc in registers), and
+    vocabulary splits whenever the row blocks alone would leave SMs idle."""
+    e_p2 = triton.next_power_of_2(max(E, 16))
+    if _interpreting() or device.type != "cuda":
+        # about 8 vocabulary tiles (so tile boundaries are exercised), at most 256 wide
+        bv = min(256, max(32, triton.next_power_of_2(triton.cdiv(V, 8))))
+        cfg = dict(fwd=(16, bv, 32), dh=(16, bv, 32, min(e_p2, 64)), dw=(16, bv, 32, min(e_p2, 64)),
+                   num_warps=4, num_stages=1, target_programs=1)
+    else:
+        k = {torch.float64: 16, torch.float32: 32}.get(dtype, 64)
+        eo = {torch.float64: 64, torch.float32: 128}.get(dtype, 256)
+        cfg = dict(fwd=(64, 128 if dtype != torch.float64 else 64, k), dh=(64, 64, k, min(e_p2, eo)),
+                   dw=(64, 64, k, min(e_p2, eo)), num_warps=8, num_stages=2,
+                   target_programs=2 * _sm_count(device.index or 0))
+    cfg.update(CONFIG_OVERRIDE)
+    return cfg
+
+
+def _splits(row_programs: int, v_tiles: int, cfg: dict, key: str) -> tuple:
+    """``(splits, tiles_per_split)``: split the vocabulary so that row blocks x splits reaches the
+    target number of programs (no empty split)."""
+    want = cfg.get(key)
+    if want is None:
+        want = max(1, -(-cfg["target_programs"] // max(row_programs, 1)))
+    want = max(1, min(int(want), v_tiles))
+    per = triton.cdiv(v_tiles, want)
+    return triton.cdiv(v_tiles, per), per
+
+
+def _dtypes(dtype: torch.dtype):
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    # the interpreter's tl.dot mishandles 16-bit floats: feed it float32 (exact for those values)
+    dot = _TL[dtype] if not _interpreting() else (tl.float64 if dtype == torch.float64 else tl.float32)
+    prec = "ieee" if dtype in (torch.float32, torch.float64) else None
+    return acc, dot, prec
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, reduction, sample, temperature, seed, disallow,
+                want_argmax, need_h, need_w, need_b):
+        N, E = hidden.shape
+        V = weight.shape[0]
+        dev, dt = hidden.device, hidden.dtype
+        acc, dot_dt, prec = _dtypes(dt)
+        interp = _interpreting()
+        keep = targets != ignore_index
+        # kept rows first, in order; their count stays on the device (no host synchronisation)
+        order = torch.argsort((~keep).to(torch.int8), stable=True).to(torch.int32)
+        n_keep = keep.sum().to(torch.int32).reshape(1)
+        cfg = _config(E, V, dt, dev)
+        BN, BV, BE = cfg["fwd"]
+        row_blocks = triton.cdiv(N, BN)
+        S, per = _splits(row_blocks, triton.cdiv(V, BV), cfg, "fwd_splits")
+        lse_p = new_output((S, N), acc, dev)
+        tgl_p = new_output((S, N), acc, dev)
+        smax = new_output((S, N), torch.float32, dev) if sample else None
+        sidx = new_output((S, N), torch.int32, dev) if sample else None
+        amax = new_output((S, N), acc, dev) if want_argmax else None
+        aidx = new_output((S, N), torch.int32, dev) if want_argmax else None
+        if N > 0:
+            _lce_fwd_kernel[(row_blocks, S)](
+                hidden, weight, bias if bias is not None else weight, targets, order, n_keep,
+                disallow if disallow is not None else targets,
+                lse_p, tgl_p, smax if sample else lse_p, sidx if sample else order,
+                amax if want_argmax else lse_p, aidx if want_argmax else order,
+                N, V, E, int(seed) if sample else 0, float(temperature), per,
+                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), targets.stride(0),
+                disallow.stride(0) if disallow is not None else 0,
+                HAS_BIAS=bias is not None, SAMPLE=bool(sample), ARGMAX=bool(want_argmax),
+                HAS_DIS=disallow is not None, IN_DT=_TL[dt], DOT_DT=dot_dt, PREC=prec, ACC=_TL[acc],
+                INTERP=interp, BLOCK_N=BN, BLOCK_V=BV, BLOCK_E=BE, num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"])
+        if S == 1:
+            lse, tlogit = lse_p[0], tgl_p[0]
+        else:
+            lse, tlogit = torch.logsumexp(lse_p, 0), tgl_p.sum(0)
+        per_row = torch.where(keep, lse - tlogit, torch.zeros_like(lse))
+        denom = None
+        if reduction == "none":
+            loss = per_row.to(dt)
+        elif reduction == "sum":
+            loss = per_row.sum().to(dt)
+        else:
+            denom = n_keep[0].to(acc).clamp(min=1)
+            loss = (per_row.sum() / denom).to(dt)
+        extras = []
+        if sample:
+            best = smax.argmax(0, keepdim=True)
+            extras.append(sidx.gather(0, best)[0].long())
+        if want_argmax:
+            best = amax.argmax(0, keepdim=True)
+            extras.append(aidx.gather(0, best)[0].long())
+        ctx.mark_non_differentiable(*extras)
+        ctx.meta = dict(N=N, E=E, V=V, reduction=reduction, dtypes=(dt, weight.dtype,
+                        None if bias is None else bias.dtype), need=(need_h, need_w, need_b), acc=acc,
+                        has_bias=bias is not None)
+        ctx.save_for_backward(hidden, weight, bias, targets, order, n_keep, lse, denom)
+        return (loss, *extras)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, *unused):
+        hidden, weight, bias, targets, order, n_keep, lse, denom = ctx.saved_tensors
+        meta = ctx.meta
+        need_h, need_w, need_b = meta["need"]
+        N, E, V = meta["N"], meta["E"], meta["V"]
+        dt = meta["dtypes"][0]
+        acc, dot_dt, prec = _dtypes(dt)
+        interp = _interpreting()
+        dev = hidden.device
+        none = (None,) * 11
+        if grad_loss is None:
+            return (None, None, None) + none
+        if meta["reduction"] == "none":
+            coef, coef_stride = grad_loss.to(acc).contiguous(), 1
+        elif meta["reduction"] == "sum":
+            coef, coef_stride = grad_loss.to(acc).reshape(1), 0
+        else:
+            coef, coef_stride = (grad_loss.to(acc) / denom).reshape(1), 0
+        lse = lse.contiguous()
+        cfg = _config(E, V, dt, dev)
+        common = (hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), targets.stride(0))
+        flags = dict(IN_DT=_TL[dt], DOT_DT=dot_dt, PREC=prec, ACC=_TL[acc], INTERP=interp,
+                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        b_arg = bias if bias is not None else weight
+        dh = dw = db = None
+        if need_h:
+            BN, BV, BE, BEO = cfg["dh"]
+            row_blocks, e_blocks = triton.cdiv(N, BN), triton.cdiv(E, BEO)
+            S, per = _splits(row_blocks * e_blocks, triton.cdiv(V, BV), cfg, "dh_splits")
+            part = new_output((S, N, E), acc, dev) if S > 1 else None
+            dh = new_output((N, E), dt, dev) if S == 1 else None
+            if N > 0 and E > 0:
+                _lce_bwd_dh_kernel[(row_blocks, e_blocks, S)](
+                    hidden, weight, b_arg, targets, order, n_keep, lse, coef, part if S > 1 else dh,
+                    N, V, E, per, coef_stride, *common, HAS_BIAS=bias is not None, PARTIAL=S > 1,
+                    BLOCK_N=BN, BLOCK_V=BV, BLOCK_E=BE, BLOCK_EO=BEO, **flags)
+                if S > 1:
+                    dh = part.sum(0).to(dt)
+            elif dh is None:
+                dh = torch.zeros((N, E), dtype=dt, device=dev)
+        if need_w or need_b:
+            BN, BV, BE, BEO = cfg["dw"]
+            e_blocks = max(1, triton.cdiv(E, BEO)) if need_w else 1
+            dw = new_output((V, E), meta["dtypes"][1], dev) if need_w else None
+            db = new_output((V,), meta["dtypes"][2], dev) if need_b else None
+            _lce_bwd_dw_kernel[(triton.cdiv(V, BV), e_blocks)](
+                hidden, weight, b_arg, targets, order, n_keep, lse, coef,
+                dw if dw is not None else lse, db if db is not None else lse,
+                N, V, E, coef_stride, *common, HAS_BIAS=bias is not None, DW=bool(need_w), DB=bool(need_b),
+                BLOCK_N=BN, BLOCK_V=BV, BLOCK_E=BE, BLOCK_EO=BEO, **flags)
+        return (dh, dw, db) + none
+
+
+def not_supported_reasons(inputs) -> list:
+    reasons = []
+    h = inputs["hidden"]
+    if h.dtype not in _FLOATS:
+        reasons.append(f"hidden dtype {h.dtype} is not one of float16, bfloat16, float32, float64")
+    N, V = h.shape[0], inputs["weight"].shape[0]
+    if N >= 2**31 or V >= 2**31:
+        reasons.append(f"N={N}, V={V}: rows and vocabulary ids are indexed with int32")
+    return reasons
+
+
+def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-100, reduction="mean", sample=False,
+                         temperature=1.0, seed=None, disallow=None, return_argmax=False):
+    """Triton backend of :func:`pyobjectives.linear_cross_entropy` (arguments already validated there).
+
+    ``return_argmax=True`` (not part of the public signature; used by
+    :class:`pyobjectives.nn.ElectraObjective`) appends ``argmax_v z [N]`` from the same sweep.
+    """
+    grad = torch.is_grad_enabled()
+    need = (grad and hidden.requires_grad, grad and weight.requires_grad,
+            grad and bias is not None and bias.requires_grad)
+    out = _LinearCrossEntropy.apply(hidden, weight, bias, targets, int(ignore_index), reduction, bool(sample),
+                                    float(temperature), seed, disallow, bool(return_argmax), *need)
+    if not sample and not return_argmax:
+        return out[0]
+    return tuple(out)

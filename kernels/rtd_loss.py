@@ -1,0 +1,436 @@
+"""Fused ELECTRA replaced-token-detection loss (Triton): one pass over the tokens.
+
+Forward, per token ``t`` (``z_t`` the logit, or ``hidden_t . head_weight + head_bias`` computed
+in-kernel for the fused-head form)::
+
+    label_t = corrupted_ids[t] != original_ids[t]          # no label tensor is materialised
+    loss_t  = softplus(z_t) - label_t * z_t                 # max(z, 0) + log(1 + exp(-|z|)) - label * z
+    g_t     = real_t * (sigmoid(z_t) - label_t)             # d loss_t / d z_t, same pass
+
+Each program walks a strided set of token blocks and writes one row of partial sums (loss,
+real tokens, correct, true positives, predicted, replaced, sum of g), and for the fused head
+``sum_t g_t hidden_t`` ([P, Dd]). The mean's denominator is the sum of a device tensor, so
+nothing synchronises with the host and the op can be captured in a CUDA graph; no real token
+gives 0 / 1 = 0.0. Because the loss is a scalar, the gradient is ``s * g_t`` with one scalar
+``s = grad_out * loss_weight / count``: backward only scales. In the fused head it writes
+``d hidden_t = s * g_t * head_weight`` (reads g, 4 bytes a token) and reduces the partials for
+``d head_weight``, ``d head_bias``; so the data moved is the floor: hidden read once (forward),
+d hidden written once (backward). ``reduction="none"`` has a per-token ``grad_out``; its backward
+reads hidden a second time for ``d head_weight``.
+
+Accumulation is float32 (float64 for float64 inputs); any leading shape and strides are
+accepted (leading dims are collapsed to ``[B, L]`` strides where the layout allows, otherwise
+copied).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import new_output
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
+_N_PARTIALS = 8  # loss, real, correct, true positive, predicted, replaced, sum g, (unused)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _cast(x, DT: tl.constexpr, INTERP: tl.constexpr):
+    """``x.to(DT)`` rounding to nearest even; the interpreter's own float32 -> bfloat16 cast truncates."""
+    if INTERP and DT == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(DT)
+    else:
+        return x.to(DT)
+
+
+@triton.jit
+def _rtd_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, c_ptr, o_ptr, m_ptr,
+    tok_ptr, g_ptr, part_ptr, dwp_ptr,
+    T, L, D, n_blocks,
+    sx0, sx1, sxd, sc0, sc1, so0, so1, sm0, sm1,
+    loss_weight,
+    HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    STORE_TOK: tl.constexpr, GRAD: tl.constexpr, STORE_G: tl.constexpr, DW: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+    ACC: tl.constexpr, INTERP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    acc_loss = tl.zeros([BLOCK_T], ACC)
+    acc_g = tl.zeros([BLOCK_T], ACC)
+    n_real = tl.zeros([BLOCK_T], tl.int32)
+    n_correct = tl.zeros([BLOCK_T], tl.int32)
+    n_tp = tl.zeros([BLOCK_T], tl.int32)
+    n_pred = tl.zeros([BLOCK_T], tl.int32)
+    n_repl = tl.zeros([BLOCK_T], tl.int32)
+    dwp_row = dwp_ptr + pid.to(tl.int64) * D
+    if HEAD:
+        bias = tl.zeros([BLOCK_T], ACC)
+        if HAS_BIAS:
+            bias += tl.load(b_ptr).to(ACC)
+        if D_CHUNKS == 1:
+            d_in = offs_d < D
+            w = tl.load(w_ptr + offs_d, mask=d_in, other=0).to(ACC)
+            if DW:
+                dw_acc = tl.zeros([BLOCK_D], ACC)
+        elif DW:
+            for c in range(D_CHUNKS):
+                d = c * BLOCK_D + offs_d
+                tl.store(dwp_row + d, tl.zeros([BLOCK_D], ACC), mask=d < D)
+    for blk in range(pid, n_blocks, nprog):
+        t = blk * BLOCK_T + offs_t
+        valid = t < T
+        bi = (t // L).to(tl.int64)
+        li = (t % L).to(tl.int64)
+        if HEAD:
+            row = x_ptr + bi * sx0 + li * sx1
+            if D_CHUNKS == 1:
+                h = tl.load(row[:, None] + offs_d[None, :] * sxd, mask=valid[:, None] & d_in[None, :],
+                            other=0).to(ACC)
+                z = tl.sum(h * w[None, :], 1) + bias
+            else:
+                z = bias
+                for c in range(D_CHUNKS):
+                    d = c * BLOCK_D + offs_d
+                    hc = tl.load(row[:, None] + d[None, :] * sxd, mask=valid[:, None] & (d < D)[None, :],
+                                 other=0).to(ACC)
+                    wc = tl.load(w_ptr + d, mask=d < D, other=0).to(ACC)
+                    z += tl.sum(hc * wc[None, :], 1)
+        else:
+            z = tl.load(x_ptr + bi * sx0 + li * sx1, mask=valid, other=0).to(ACC)
+        cid = tl.load(c_ptr + bi * sc0 + li * sc1, mask=valid, other=0)
+        oid = tl.load(o_ptr + bi * so0 + li * so1, mask=valid, other=0)
+        label = cid != oid
+        real = valid
+        if HAS_MASK:
+            real = real & (tl.load(m_ptr + bi * sm0 + li * sm1, mask=valid, other=0) != 0)
+        lab = label.to(ACC)
+        e = tl.exp(-tl.abs(z))
+        # log1p(e) without a log1p: log(u) * e / (u - 1) with u = 1 + e is exact to rounding (Kahan)
+        u = 1.0 + e
+        log1p_e = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
+        # max(z, 0) - label * z is exact (0, z or -z): no cancellation against the log term
+        loss_t = tl.where(real, (tl.maximum(z, 0.0) - lab * z) + log1p_e, 0.0)
+        acc_loss += loss_t
+        if STORE_TOK:
+            tl.store(tok_ptr + t, _cast(loss_t * loss_weight, tok_ptr.dtype.element_ty, INTERP), mask=valid)
+        pred = z > 0
+        n_real += real.to(tl.int32)
+        n_correct += (real & (pred == label)).to(tl.int32)
+        n_tp += (real & pred & label).to(tl.int32)
+        n_pred += (real & pred).to(tl.int32)
+        n_repl += (real & label).to(tl.int32)
+        if GRAD:
+            sig = tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+            g = tl.where(real, sig - lab, 0.0)
+            acc_g += g
+            if STORE_G:
+                tl.store(g_ptr + t, g, mask=valid)
+            if DW:
+                if D_CHUNKS == 1:
+                    dw_acc += tl.sum(h * g[:, None], 0)
+                else:
+                    for c in range(D_CHUNKS):
+                        d = c * BLOCK_D + offs_d
+                        hc = tl.load(row[:, None] + d[None, :] * sxd, mask=valid[:, None] & (d < D)[None, :],
+                                     other=0).to(ACC)
+                        old = tl.load(dwp_row + d, mask=d < D, other=0)
+                        tl.store(dwp_row + d, old + tl.sum(hc * g[:, None], 0), mask=d < D)
+    part = part_ptr + pid * 8
+    tl.store(part + 0, tl.sum(acc_loss, 0))
+    tl.store(part + 1, tl.sum(n_real, 0).to(ACC))
+    tl.store(part + 2, tl.sum(n_correct, 0).to(ACC))
+    tl.store(part + 3, tl.sum(n_tp, 0).to(ACC))
+    tl.store(part + 4, tl.sum(n_pred, 0).to(ACC))
+    tl.store(part + 5, tl.sum(n_repl, 0).to(ACC))
+    tl.store(part + 6, tl.sum(acc_g, 0))
+    tl.store(part + 7, tl.sum(acc_g, 0) * 0)
+    if HEAD:
+        if DW:
+            if D_CHUNKS == 1:
+                tl.store(dwp_row + offs_d, dw_acc, mask=d_in)
+
+
+@triton.jit
+def _rtd_bwd_kernel(
+    g_ptr, s_ptr, s_stride, w_ptr, x_ptr, dx_ptr, dwp_ptr,
+    T, L, D, n_blocks, sx0, sx1, sxd,
+    DX: tl.constexpr, DW: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+    ACC: tl.constexpr, INTERP: tl.constexpr,
+):
+    """Fused head: ``d hidden_t = s_t * g_t * head_weight`` (and, for a per-token ``s``, the
+    partial ``sum_t s_t g_t hidden_t``)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    dwp_row = dwp_ptr + pid.to(tl.int64) * D
+    if D_CHUNKS == 1:
+        d_in = offs_d < D
+        w = tl.load(w_ptr + offs_d, mask=d_in, other=0).to(ACC)
+        if DW:
+            dw_acc = tl.zeros([BLOCK_D], ACC)
+    elif DW:
+        for c in range(D_CHUNKS):
+            d = c * BLOCK_D + offs_d
+            tl.store(dwp_row + d, tl.zeros([BLOCK_D], ACC), mask=d < D)
+    for blk in range(pid, n_blocks, nprog):
+        t = blk * BLOCK_T + offs_t
+        valid = t < T
+        t64 = t.to(tl.int64)
+        gs = tl.load(g_ptr + t, mask=valid, other=0).to(ACC) * tl.load(s_ptr + t64 * s_stride, mask=valid,
+                                                                        other=0).to(ACC)
+        row = x_ptr + (t // L).to(tl.int64) * sx0 + (t % L).to(tl.int64) * sx1
+        if D_CHUNKS == 1:
+            if DX:
+                tl.store(dx_ptr + t64[:, None] * D + offs_d[None, :],
+                         _cast(gs[:, None] * w[None, :], dx_ptr.dtype.element_ty, INTERP),
+                         mask=valid[:, None] & d_in[None, :])
+            if DW:
+                h = tl.load(row[:, None] + offs_d[None, :] * sxd, mask=valid[:, None] & d_in[None, :],
+                            other=0).to(ACC)
+                dw_acc += tl.sum(h * gs[:, None], 0)
+        else:
+            for c in range(D_CHUNKS):
+                d = c * BLOCK_D + offs_d
+                d_ok = d < D
+                if DX:
+                    wc = tl.load(w_ptr + d, mask=d_ok, other=0).to(ACC)
+                    tl.store(dx_ptr + t64[:, None] * D + d[None, :],
+                             _cast(gs[:, None] * wc[None, :], dx_ptr.dtype.element_ty, INTERP),
+                             mask=valid[:, None] & d_ok[None, :])
+                if DW:
+                    hc = tl.load(row[:, None] + d[None, :] * sxd, mask=valid[:, None] & d_ok[None, :],
+                                 other=0).to(ACC)
+                    old = tl.load(dwp_row + d, mask=d_ok, other=0)
+                    tl.store(dwp_row + d, old + tl.sum(hc * gs[:, None], 0), mask=d_ok)
+    if DW:
+        if D_CHUNKS == 1:
+            tl.store(dwp_row + offs_d, dw_acc, mask=d_in)
+
+
+# --- launch configuration ------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _config(D: int, head: bool, dtype: torch.dtype, device: torch.device) -> dict:
+    """Block sizes: the interpreter wants few, mid-size blocks; an H100 wants wide streaming tiles
+    (about 8K elements of hidden per iteration) and a persistent grid of a few programs per SM."""
+    d_p2 = triton.next_power_of_2(max(D, 1))
+    if _interpreting() or device.type != "cuda":
+        block_d = min(d_p2, 32)
+        block_t = 16 if head else 64
+        return dict(BLOCK_T=block_t, BLOCK_D=max(block_d, 16), max_programs=4, num_warps=4)
+    wide = 4096 if dtype == torch.float64 else 8192
+    if head:
+        block_d = max(16, min(d_p2, 2048))
+        block_t = max(4, min(256, wide // block_d))
+    else:
+        block_d, block_t = 16, 2048 if dtype != torch.float64 else 1024
+    return dict(BLOCK_T=block_t, BLOCK_D=block_d, max_programs=4 * _sm_count(device.index or 0), num_warps=8)
+
+
+def _collapse(shape, strides_list):
+    """Leading dims as ``(B, L)`` plus, per tensor, strides ``(sB, sL)``; None if >2 dims remain."""
+    dims = [i for i, s in enumerate(shape) if s != 1]
+    groups = []  # [size, [stride per tensor]]
+    for i in dims:
+        size = shape[i]
+        st = [s[i] for s in strides_list]
+        if groups and all(g == x * size for g, x in zip(groups[-1][1], st)):
+            groups[-1] = [groups[-1][0] * size, st]
+        else:
+            groups.append([size, st])
+    if not groups:
+        return (1, 1), [(0, 0) for _ in strides_list]
+    if len(groups) == 1:
+        return (1, groups[0][0]), [(0, s) for s in groups[0][1]]
+    if len(groups) == 2:
+        return (groups[0][0], groups[1][0]), [(a, b) for a, b in zip(groups[0][1], groups[1][1])]
+    return None
+
+
+def _token_layout(lead, tensors):
+    """``(B, L)`` and per-tensor ``(sB, sL)`` for tensors sharing the leading shape ``lead``
+    (their leading strides); copies to contiguous only when the layout cannot be collapsed."""
+    res = _collapse(lead, [t.stride()[:len(lead)] for t in tensors])
+    if res is None:
+        tensors = [t.contiguous() for t in tensors]
+        res = _collapse(lead, [t.stride()[:len(lead)] for t in tensors])
+    (B, L), strides = res
+    return tensors, B, L, strides
+
+
+class _RTDLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, corrupted, original, mask, loss_weight, reduction, need_x, need_w, need_b):
+        head = w is not None
+        lead = tuple(x.shape[:-1]) if head else tuple(x.shape)
+        D = x.shape[-1] if head else 1
+        T = 1
+        for s in lead:
+            T *= s
+        dev = x.device
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        interp = _interpreting()
+        cfg = _config(D, head, x.dtype, dev)
+        n_chunks = max(1, triton.cdiv(D, cfg["BLOCK_D"]))
+        n_blocks = triton.cdiv(T, cfg["BLOCK_T"])
+        P = max(1, min(n_blocks, cfg["max_programs"]))
+        store_tok = reduction == "none"
+        # g_t is kept for backward when d x needs it or when grad_out is per token; the mean / sum
+        # gradients of head_weight and head_bias come from this pass's partial sums instead
+        need_dw_fwd = head and need_w and reduction != "none"
+        store_g = need_x or (reduction == "none" and head and (need_w or need_b))
+        grad = store_g or need_dw_fwd or need_b
+
+        masked = mask is not None
+        m = mask if masked else corrupted
+        if m.dtype == torch.bool:
+            m = m.view(torch.uint8)
+        tensors, B, L, strides = _token_layout(lead, [x, corrupted, original, m])
+        x, corrupted, original, m = tensors
+        (sx0, sx1), (sc0, sc1), (so0, so1), (sm0, sm1) = strides
+        sxd = x.stride(-1) if head and x.dim() > 0 else 0
+
+        tok = new_output((T,), x.dtype, dev) if store_tok else None
+        g = new_output((T,), acc, dev) if store_g else None
+        part = new_output((P, _N_PARTIALS), acc, dev)
+        dwp = new_output((P, D), acc, dev) if need_dw_fwd else None
+        if T == 0:
+            part.zero_()
+            if dwp is not None:
+                dwp.zero_()
+        else:
+            _rtd_fwd_kernel[(P,)](
+                x, w if head else x, b if b is not None else x, corrupted, original, m,
+                tok if tok is not None else part, g if g is not None else part, part,
+                dwp if dwp is not None else part,
+                T, L, D, n_blocks, sx0, sx1, sxd, sc0, sc1, so0, so1, sm0, sm1, float(loss_weight),
+                HEAD=head, HAS_BIAS=b is not None, HAS_MASK=masked, STORE_TOK=store_tok, GRAD=grad, STORE_G=store_g,
+                DW=need_dw_fwd, BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], D_CHUNKS=n_chunks,
+                ACC=_TL[acc], INTERP=interp, num_warps=cfg["num_warps"])
+        sums = part.to(torch.float64).sum(0)  # P partial rows: a float64 finish rounds the scalar once
+        count = sums[1]
+        if reduction == "none":
+            loss = tok.view(lead)
+            denom = None
+        elif reduction == "sum":
+            loss = (sums[0] * loss_weight).to(x.dtype)
+            denom = torch.ones((), dtype=torch.float64, device=dev)
+        else:
+            denom = count.clamp(min=1)
+            loss = (sums[0] * loss_weight / denom).to(x.dtype)
+        n_real, correct, tp, n_pred, n_repl = sums[1].float(), sums[2].float(), sums[3].float(), sums[4].float(), \
+            sums[5].float()
+        stats = torch.stack([correct / n_real.clamp(min=1), tp / n_pred.clamp(min=1), tp / n_repl.clamp(min=1),
+                             n_repl, n_real])
+        ctx.mark_non_differentiable(stats)
+        ctx.cfg = dict(cfg, n_chunks=n_chunks, n_blocks=n_blocks, P=P, T=T, L=L, D=D, head=head, lead=lead,
+                       reduction=reduction, loss_weight=float(loss_weight), acc=acc, strides=(sx0, sx1, sxd),
+                       dtypes=(x.dtype, None if w is None else w.dtype, None if b is None else b.dtype),
+                       need=(need_x, need_w, need_b))
+        ctx.save_for_backward(g, dwp, sums[6].reshape(1), denom, w, x if (head and reduction == "none" and need_w)
+                              else None)
+        return loss, stats
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, grad_stats):
+        g, dwp, gsum, denom, w, x = ctx.saved_tensors
+        c = ctx.cfg
+        need_x, need_w, need_b = c["need"]
+        acc = c["acc"]
+        dx = dw = db = None
+        if grad_loss is None:
+            return (None,) * 11
+        if c["reduction"] == "none":
+            s = (grad_loss.to(acc) * c["loss_weight"]).reshape(-1).contiguous()
+            s_stride = 1
+        else:
+            s = (grad_loss.to(torch.float64) * c["loss_weight"] / denom).to(acc).reshape(1)
+            s_stride = 0
+        T = c["T"]
+        if not c["head"]:
+            if need_x:
+                dx = (g * (s if s_stride else s[0])).to(c["dtypes"][0]).view(c["lead"])
+            return dx, None, None, None, None, None, None, None, None, None, None
+        D = c["D"]
+        per_token_dw = c["reduction"] == "none" and need_w
+        if need_x or per_token_dw:
+            dx_buf = new_output((T, D), c["dtypes"][0], g.device) if need_x else None
+            dwp_b = new_output((c["P"], D), acc, g.device) if per_token_dw else None
+            if T > 0:
+                sx0, sx1, sxd = c["strides"]
+                _rtd_bwd_kernel[(c["P"],)](
+                    g, s, s_stride, w, x if x is not None else g, dx_buf if dx_buf is not None else g,
+                    dwp_b if dwp_b is not None else g, T, c["L"], D, c["n_blocks"], sx0, sx1, sxd,
+                    DX=need_x, DW=per_token_dw, BLOCK_T=c["BLOCK_T"], BLOCK_D=c["BLOCK_D"],
+                    D_CHUNKS=c["n_chunks"], ACC=_TL[acc], INTERP=_interpreting(), num_warps=c["num_warps"])
+            elif dwp_b is not None:
+                dwp_b.zero_()
+            if need_x:
+                dx = dx_buf.view(c["lead"] + (D,))
+            if per_token_dw:
+                dw = dwp_b.sum(0).to(c["dtypes"][1])
+        if need_w and not per_token_dw:
+            dw = (dwp.sum(0) * s[0]).to(c["dtypes"][1])
+        if need_b:
+            if s_stride:
+                db = (g * s).sum().to(c["dtypes"][2])
+            else:
+                db = (gsum[0] * s[0]).to(c["dtypes"][2])
+        return dx, dw, db, None, None, None, None, None, None, None, None
+
+
+_STAT_NAMES = ("accuracy", "precision", "recall", "replaced", "tokens")
+
+
+def not_supported_reasons(inputs) -> list:
+    reasons = []
+    x = inputs["logits_or_hidden"]
+    if x.dtype not in _FLOATS:
+        reasons.append(f"logits_or_hidden dtype {x.dtype} is not one of float16, bfloat16, float32, float64")
+    for name in ("head_weight", "head_bias"):
+        t = inputs.get(name)
+        if t is not None and t.dtype not in _FLOATS:
+            reasons.append(f"{name} dtype {t.dtype} is not a supported float dtype")
+    lead = x.shape[:-1] if inputs.get("head_weight") is not None else x.shape
+    n = 1
+    for s in lead:
+        n *= s
+    if n >= 2**31:
+        reasons.append(f"{n} tokens: the kernel indexes tokens with int32 (at most 2**31 - 1)")
+    return reasons
+
+
+def rtd_loss(logits_or_hidden, corrupted_ids, original_ids, attention_mask=None, *, loss_weight=1.0,
+             reduction="mean", head_weight=None, head_bias=None, return_stats=False):
+    """Triton backend of :func:`pyobjectives.rtd_loss` (arguments already validated there)."""
+    x, w, b = logits_or_hidden, head_weight, head_bias
+    grad = torch.is_grad_enabled()
+    need = (grad and x.requires_grad, grad and w is not None and w.requires_grad,
+            grad and b is not None and b.requires_grad)
+    loss, stats = _RTDLoss.apply(x, w, b, corrupted_ids, original_ids, attention_mask, float(loss_weight),
+                                 reduction, *need)
+    if not return_stats:
+        return loss
+    return loss, dict(zip(_STAT_NAMES, stats.unbind(0)))
