@@ -199,3 +199,5 @@ class TwoStreamRelativeAttention(nn.Module):
         to_hf = lambda p: torch.einsum("bnij->ijbn", p)  # noqa: E731
         probs = (to_hf(probs_h), to_hf(probs_g)) if g is not None else to_hf(probs_h)
         return output_h, output_g, probs
+
+from .electra import ElectraObjective  # noqa: E402,F401
