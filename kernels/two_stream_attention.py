@@ -80,6 +80,15 @@ def not_supported_reasons(inputs) -> list:
 
 
 @triton.jit
+def _dot(a, b, DOT_PREC: tl.constexpr):
+    """``a @ b`` with fp32 accumulation; "interpret-fp32" upcasts the operands first because the
+    Triton interpreter miscomputes bfloat16 ``tl.dot`` (exact: bf16 -> fp32 is lossless)."""
+    if DOT_PREC == "interpret-fp32":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.jit
 def _load_band(r_base, stride_rr, stride_rd, band_start, R, D, BAND: tl.constexpr, BD: tl.constexpr):
     t = band_start + tl.arange(0, BAND)
     d = tl.arange(0, BD)
@@ -89,7 +98,7 @@ def _load_band(r_base, stride_rr, stride_rd, band_start, R, D, BAND: tl.constexp
 
 
 @triton.jit
-def _tile_scores(qw, qr, e0, e1, k, rband, pos, row_ok, qrank_row, segq_row, n0, m0, b, h, Lq, Lk, M, scale,
+def _tile_scores(xq, rw, rr, e0, e1, k, rband, pos, row_ok, qrank_row, segq_row, n0, m0, b, h, Lq, Lk, M, scale,
                  krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segk_ptr, s_segk_b, mask_ptr, s_mask_b,
                  s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r,
                  IS_CONTENT: tl.constexpr, HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -97,10 +106,10 @@ def _tile_scores(qw, qr, e0, e1, k, rband, pos, row_ok, qrank_row, segq_row, n0,
                  DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """Scores ``s`` (fp32, before masking), visibility ``vis`` and "segments differ" of one tile."""
     offs_n = n0 + tl.arange(0, BN)
-    differ = tl.zeros([qw.shape[0], BN], dtype=tl.int1)
+    differ = tl.zeros([xq.shape[0], BN], dtype=tl.int1)
     key_ok = offs_n < Lk
-    ac = tl.dot(qw, tl.trans(k), input_precision=DOT_PREC)
-    band = tl.dot(qr, tl.trans(rband), input_precision=DOT_PREC)
+    ac = _dot(xq, tl.trans(k), DOT_PREC) + tl.sum(k.to(tl.float32) * rw[None, :], axis=1)[None, :]
+    band = _dot(xq, tl.trans(rband), DOT_PREC) + tl.sum(rband.to(tl.float32) * rr[None, :], axis=1)[None, :]
     skew = (m0 + BM - 1 - pos)[:, None] + tl.arange(0, BN)[None, :]
     s = ac + tl.gather(band, skew, axis=1)
     if SEG_IDS:
@@ -169,19 +178,20 @@ def _row_inputs(x_ptr, s_xb, s_xl, s_xh, s_xd, rows, row_ok, pos, b, h, D, rw_pt
     """Queries of a row set with the biases added, and the per-row segment / rank values."""
     d = tl.arange(0, BD)
     d_ok = d < D
-    x = tl.load(x_ptr + b * s_xb + rows[:, None] * s_xl + h * s_xh + d[None, :] * s_xd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    rw = tl.load(rw_ptr + h * s_bias_h + d, mask=d_ok, other=0.0)
-    rr = tl.load(rr_ptr + h * s_bias_h + d, mask=d_ok, other=0.0)
-    qw = (x + rw[None, :]).to(x.dtype)
-    qr = (x + rr[None, :]).to(x.dtype)
+    # The biases stay apart from the queries: (q + b).k = q.k + b.k with b.k computed per key in fp32,
+    # so half-precision inputs never round the sum q + b (more accurate than eager, which does).
+    xq = tl.load(x_ptr + b * s_xb + rows[:, None] * s_xl + h * s_xh + d[None, :] * s_xd,
+                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    x = xq.to(tl.float32)
+    rw = tl.load(rw_ptr + h * s_bias_h + d, mask=d_ok, other=0.0).to(tl.float32)
+    rr = tl.load(rr_ptr + h * s_bias_h + d, mask=d_ok, other=0.0).to(tl.float32)
     e0 = tl.zeros([x.shape[0]], dtype=tl.float32)
     e1 = tl.zeros([x.shape[0]], dtype=tl.float32)
     if HAS_SEG:
-        rs = tl.load(rs_ptr + h * s_bias_h + d, mask=d_ok, other=0.0)
+        rs = tl.load(rs_ptr + h * s_bias_h + d, mask=d_ok, other=0.0).to(tl.float32)
         se0 = tl.load(se_ptr + h * s_se_h + d, mask=d_ok, other=0.0).to(tl.float32)
         se1 = tl.load(se_ptr + s_se_s + h * s_se_h + d, mask=d_ok, other=0.0).to(tl.float32)
-        qs = (x + rs[None, :]).to(x.dtype).to(tl.float32)
+        qs = x + rs[None, :]
         e0 = tl.sum(qs * se0[None, :], axis=1)
         e1 = tl.sum(qs * se1[None, :], axis=1)
     qrank_row = tl.zeros([x.shape[0]], dtype=tl.int64)
@@ -190,7 +200,7 @@ def _row_inputs(x_ptr, s_xb, s_xl, s_xh, s_xd, rows, row_ok, pos, b, h, D, rw_pt
     segq_row = tl.zeros([x.shape[0]], dtype=tl.int64)
     if SEG_IDS:
         segq_row = tl.load(segq_ptr + b * s_segq_b + pos, mask=row_ok, other=0).to(tl.int64)
-    return x, qw, qr, e0, e1, qrank_row, segq_row
+    return xq, rw, rr, e0, e1, qrank_row, segq_row
 
 
 @triton.jit
@@ -230,7 +240,7 @@ def _fwd_rows(
         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND: tl.constexpr):
     rows, pos, row_ok, drop_off = _row_set(b, h, m_blk, c_start, c_count, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b,
                                            s_tpos_p, Lq, Lk, P, H, B, IS_CONTENT, ROWS, BM)
-    x, qw, qr, e0, e1, qrank_row, segq_row = _row_inputs(
+    xq, rw, rr, e0, e1, qrank_row, segq_row = _row_inputs(
         x_ptr, s_xb, s_xl, s_xh, s_xd, rows, row_ok, pos, b, h, D, rw_ptr, rr_ptr, rs_ptr, se_ptr, s_bias_h, s_se_s,
         s_se_h, qrank_ptr, s_qrank_b, segq_ptr, s_segq_b, HAS_RANK, SEG_IDS or SEG_DENSE, SEG_IDS, BD)
     m0 = m_blk * BM
@@ -247,7 +257,7 @@ def _fwd_rows(
         v = tl.load(v_ptr + b * s_vb + offs_n[:, None] * s_vl + h * s_vh + d[None, :] * s_vd, mask=kv_mask, other=0.0)
         rband = _load_band(r_ptr + b * s_rb + h * s_rh, s_rr, s_rd, Lq - (m0 + BM - 1) + n0, R, D, BAND, BD)
         s, vis, differ = _tile_scores(
-            qw, qr, e0, e1, k, rband, pos, row_ok, qrank_row, segq_row, n0, m0, b, h, Lq, Lk, M, scale,
+            xq, rw, rr, e0, e1, k, rband, pos, row_ok, qrank_row, segq_row, n0, m0, b, h, Lq, Lk, M, scale,
             krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q,
             s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, IS_CONTENT, HAS_RANK, HAS_DENSE,
             HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, DOT_PREC, BM, BN)
@@ -259,7 +269,7 @@ def _fwd_rows(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if HAS_DROPOUT:
             p = p * _keep_scale(seed, drop_off, n0, dropout_p, BN)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC)
         m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -275,7 +285,7 @@ def _fwd_rows(
                 pu = tl.where(row_ok[:, None] & key_ok[None, :], 1.0 / Lk, 0.0)
                 if HAS_DROPOUT:
                     pu = pu * _keep_scale(seed, drop_off, n0, dropout_p, BN)
-                acc_u += tl.dot(pu.to(v.dtype), v, input_precision=DOT_PREC)
+                acc_u += _dot(pu.to(v.dtype), v, DOT_PREC)
             out = tl.where(empty[:, None], acc_u, out)
     m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
     lse = tl.where(empty, float("inf"), m_fin + tl.log(tl.where(empty, 1.0, l_i)))
@@ -298,7 +308,7 @@ def _bwd_rows_setup(b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd
     """Everything a backward kernel needs about one row set: positions, biased queries, dO, lse, delta."""
     rows, pos, row_ok, drop_off = _row_set(b, h, m_blk, c_start, c_count, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b,
                                            s_tpos_p, Lq, Lk, P, H, B, IS_CONTENT, ROWS, BM)
-    x, qw, qr, e0, e1, qrank_row, segq_row = _row_inputs(
+    xq, rw, rr, e0, e1, qrank_row, segq_row = _row_inputs(
         x_ptr, s_xb, s_xl, s_xh, s_xd, rows, row_ok, pos, b, h, D, rw_ptr, rr_ptr, rs_ptr, se_ptr, s_bias_h, s_se_s,
         s_se_h, qrank_ptr, s_qrank_b, segq_ptr, s_segq_b, HAS_RANK, SEG_IDS or SEG_DENSE, SEG_IDS, BD)
     d = tl.arange(0, BD)
@@ -306,11 +316,11 @@ def _bwd_rows_setup(b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd
                  mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
     lse = tl.load(lse_ptr + b * s_lse_b + h * s_lse_h + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(delta_ptr + b * s_lse_b + h * s_lse_h + rows, mask=row_ok, other=0.0)
-    return rows, pos, row_ok, drop_off, qw, qr, e0, e1, qrank_row, segq_row, do, lse, delta
+    return rows, pos, row_ok, drop_off, xq, rw, rr, e0, e1, qrank_row, segq_row, do, lse, delta
 
 
 @triton.jit
-def _bwd_tile(qw, qr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do, lse, delta, drop_off, n0, m0, b, h,
+def _bwd_tile(xq, rw, rr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do, lse, delta, drop_off, n0, m0, b, h,
               k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
         rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
         sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
@@ -322,13 +332,13 @@ def _bwd_tile(qw, qr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do,
         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND: tl.constexpr):
     """Recompute one tile: probabilities after dropout ``pd`` and dL/dscore ``ds`` (plus "segments differ")."""
     s, vis, differ = _tile_scores(
-        qw, qr, e0, e1, k, rband, pos, row_ok, qrank_row, segq_row, n0, m0, b, h, Lq, Lk, M, scale,
+        xq, rw, rr, e0, e1, k, rband, pos, row_ok, qrank_row, segq_row, n0, m0, b, h, Lq, Lk, M, scale,
         krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q,
         s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, IS_CONTENT, HAS_RANK, HAS_DENSE,
         HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, DOT_PREC, BM, BN)
     key_ok = (n0 + tl.arange(0, BN)) < Lk
     p = _probs(s, vis, lse, lse == float("inf"), row_ok, key_ok, Lk, EMPTY_UNIFORM)
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    dp = _dot(do, tl.trans(v), DOT_PREC)
     pd = p
     if HAS_DROPOUT:
         keep = _keep_scale(seed, drop_off, n0, dropout_p, BN)
@@ -360,7 +370,7 @@ def _dq_rows(pid, b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, 
         HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr,
         HAS_T5: tl.constexpr, HAS_DROPOUT: tl.constexpr, EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND: tl.constexpr):
-    rows, pos, row_ok, drop_off, qw, qr, e0, e1, qrank_row, segq_row, do, lse, delta = _bwd_rows_setup(
+    rows, pos, row_ok, drop_off, xq, rw, rr, e0, e1, qrank_row, segq_row, do, lse, delta = _bwd_rows_setup(
         b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, do_ptr, s_dob, s_dol, s_doh, s_dod, lse_ptr, delta_ptr, s_lse_b, s_lse_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
         rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
         sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
@@ -378,7 +388,7 @@ def _dq_rows(pid, b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, 
     for n0 in range(0, Lk, BN):
         k, v = _load_kv(b, h, n0, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, Lk, D, BN, BD)
         rband = _load_band(r_ptr + b * s_rb + h * s_rh, s_rr, s_rd, Lq - (m0 + BM - 1) + n0, R, D, BAND, BD)
-        pd, ds, differ = _bwd_tile(qw, qr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do, lse, delta,
+        pd, ds, differ = _bwd_tile(xq, rw, rr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do, lse, delta,
                                    drop_off, n0, m0, b, h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
         rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
         sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
@@ -387,8 +397,8 @@ def _dq_rows(pid, b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, 
         seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC,
         BM, BN, BD, BAND)
         dsc = ds * scale
-        acc_ac += tl.dot(dsc.to(k.dtype), k, input_precision=DOT_PREC)
-        acc_bd += tl.dot(_unskew(dsc, pos, m0, BM, BN, BAND).to(rband.dtype), rband, input_precision=DOT_PREC)
+        acc_ac += _dot(dsc.to(k.dtype), k, DOT_PREC)
+        acc_bd += _dot(_unskew(dsc, pos, m0, BM, BN, BAND).to(rband.dtype), rband, DOT_PREC)
         if SEG_IDS or SEG_DENSE:
             de1 += tl.sum(tl.where(differ, dsc, 0.0), axis=1)
             de0 += tl.sum(tl.where(differ, 0.0, dsc), axis=1)
@@ -455,7 +465,7 @@ def _kv_rows(dk, dv, k, v, n0, b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl,
         HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr,
         HAS_T5: tl.constexpr, HAS_DROPOUT: tl.constexpr, EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND: tl.constexpr):
-    rows, pos, row_ok, drop_off, qw, qr, e0, e1, qrank_row, segq_row, do, lse, delta = _bwd_rows_setup(
+    rows, pos, row_ok, drop_off, xq, rw, rr, e0, e1, qrank_row, segq_row, do, lse, delta = _bwd_rows_setup(
         b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, do_ptr, s_dob, s_dol, s_doh, s_dod, lse_ptr, delta_ptr, s_lse_b, s_lse_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
         rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
         sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
@@ -465,7 +475,7 @@ def _kv_rows(dk, dv, k, v, n0, b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl,
         BM, BN, BD, BAND)
     m0 = m_blk * BM
     rband = _load_band(r_ptr + b * s_rb + h * s_rh, s_rr, s_rd, Lq - (m0 + BM - 1) + n0, R, D, BAND, BD)
-    pd, ds, differ = _bwd_tile(qw, qr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do, lse, delta,
+    pd, ds, differ = _bwd_tile(xq, rw, rr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do, lse, delta,
                                drop_off, n0, m0, b, h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
         rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
         sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
@@ -473,8 +483,9 @@ def _kv_rows(dk, dv, k, v, n0, b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl,
         mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r,
         seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC,
         BM, BN, BD, BAND)
-    dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=DOT_PREC)
-    dk += tl.dot(tl.trans((ds * scale).to(qw.dtype)), qw, input_precision=DOT_PREC)
+    dv += _dot(tl.trans(pd.to(do.dtype)), do, DOT_PREC)
+    dsc = ds * scale
+    dk += _dot(tl.trans(dsc.to(xq.dtype)), xq, DOT_PREC) + tl.sum(dsc, axis=0)[:, None] * rw[None, :]
     return dk, dv
 
 
@@ -533,7 +544,7 @@ def _dr_rows(dr, dt, rband, diag, b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_
         HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr,
         HAS_T5: tl.constexpr, HAS_DROPOUT: tl.constexpr, EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND: tl.constexpr):
-    rows, pos, row_ok, drop_off, qw, qr, e0, e1, qrank_row, segq_row, do, lse, delta = _bwd_rows_setup(
+    rows, pos, row_ok, drop_off, xq, rw, rr, e0, e1, qrank_row, segq_row, do, lse, delta = _bwd_rows_setup(
         b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, do_ptr, s_dob, s_dol, s_doh, s_dod, lse_ptr, delta_ptr, s_lse_b, s_lse_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
         rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
         sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
@@ -544,7 +555,7 @@ def _dr_rows(dr, dt, rband, diag, b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_
     m0 = m_blk * BM
     n0 = m0 + diag * BN
     k, v = _load_kv(b, h, n0, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, Lk, D, BN, BD)
-    pd, ds, differ = _bwd_tile(qw, qr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do, lse, delta,
+    pd, ds, differ = _bwd_tile(xq, rw, rr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do, lse, delta,
                                drop_off, n0, m0, b, h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
         rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
         sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
@@ -554,7 +565,8 @@ def _dr_rows(dr, dt, rband, diag, b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_
         BM, BN, BD, BAND)
     dband = _unskew(ds, pos, m0, BM, BN, BAND)
     dt += tl.sum(dband, axis=0)
-    dr += tl.dot(tl.trans((dband * scale).to(qr.dtype)), qr, input_precision=DOT_PREC)
+    dband = dband * scale
+    dr += _dot(tl.trans(dband.to(xq.dtype)), xq, DOT_PREC) + tl.sum(dband, axis=0)[:, None] * rr[None, :]
     return dr, dt
 
 
@@ -642,6 +654,13 @@ def _fwd_kernel(chunks_ptr, n_content, n_mb,
 
 # ----------------------------------------------------------------------------------------
 # host side
+
+
+def _dot_precision(dtype):
+    """fp32 inputs get exact IEEE products (tf32 would miss the fp32 tolerance); half types use tensor cores."""
+    if dtype == torch.float32:
+        return "ieee"
+    return "interpret-fp32" if _interpret() and dtype == torch.bfloat16 else "tf32"
 
 
 def _strides(t, n):
@@ -732,7 +751,7 @@ class _Launch:
             HAS_RANK=aux["q_rank"] is not None, HAS_DENSE=mask is not None, HAS_KPM=kpm is not None,
             CAUSAL=cfg["causal"], SEG_IDS=aux["seg_q"] is not None, SEG_DENSE=segd is not None,
             HAS_T5=t5 is not None, HAS_DROPOUT=cfg["dropout_p"] > 0, EMPTY_UNIFORM=cfg["empty_rows"] == "uniform",
-            DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+            DOT_PREC=_dot_precision(q.dtype))
 
     def consts(self, BN=None):
         BN = BN or self.BN

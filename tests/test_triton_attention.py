@@ -1,0 +1,134 @@
+"""Triton two-stream attention against the float64 reference (spec tolerance policy), every feature and gradient.
+
+On this CPU machine the kernels run under TRITON_INTERPRET=1 (set in conftest), so sizes stay small;
+on a GPU run with TRITON_INTERPRET=0 and CUDA inputs the same tests exercise the compiled kernels.
+"""
+
+import pytest
+import torch
+
+from attention_inputs import make_inputs
+from conftest import DTYPE_ID, assert_policy
+from pyobjectives import BackendUnavailableError, backends, reference, two_stream_attention
+from pyobjectives.reference.philox import philox_uniform
+
+pytest.importorskip("triton")
+if backends.BACKENDS["triton"].op_reasons("two_stream_attention"):
+    pytest.skip("triton backend unavailable: " + "; ".join(backends.BACKENDS["triton"].op_reasons(
+        "two_stream_attention")), allow_module_level=True)
+
+DEVICE = "cuda" if backends.triton_interpreter_enabled() is False and torch.cuda.is_available() else "cpu"
+GRAD_NAMES = ["q", "k", "v", "r", "r_w_bias", "r_r_bias", "q_g", "r_s_bias", "seg_embed", "t5_bias"]
+
+
+def run(backend, x, kw, dtype, **extra):
+    """Outputs and all gradients of one call with inputs cast to ``dtype`` (fixed random output weights)."""
+    leaves = {n: (x[n] if n in x else kw[n]).detach().to(DEVICE, dtype).requires_grad_()
+              for n in GRAD_NAMES if n in x or n in kw}
+    rest = {n: (t.to(DEVICE) if isinstance(t, torch.Tensor) else t) for n, t in {**x, **kw}.items()
+            if n not in leaves}
+    out = two_stream_attention(**leaves, **rest, **extra, backend=backend)
+    outs = [o for o in out if o is not None]
+    gen = torch.Generator().manual_seed(123)
+    weights = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(DEVICE, o.dtype) for o in outs]
+    torch.autograd.backward([(o * w).sum() for o, w in zip(outs, weights)])
+    return outs, {n: t.grad for n, t in leaves.items()}
+
+
+def check_against_reference(x, kw, dtype, **extra):
+    oracle_out, oracle_grads = run("reference", x, kw, torch.float64, **extra)
+    ref_out, ref_grads = run("reference", x, kw, dtype, **extra)
+    out, grads = run("triton", x, kw, dtype, **extra)
+    for i, (o, r, w) in enumerate(zip(out, ref_out, oracle_out)):
+        assert o.dtype == dtype
+        assert_policy(["out_h", "out_g"][i], o, r, w, dtype)
+    for name in oracle_grads:
+        assert grads[name] is not None, f"no gradient for {name}"
+        assert_policy(f"grad {name}", grads[name], ref_grads[name], oracle_grads[name], dtype)
+
+
+FEATURES = {
+    "content": (), "query": ("query",), "rank": ("query", "rank"), "dense": ("query", "dense"),
+    "padding": ("query", "padding"), "causal": ("query", "causal"), "seg_ids": ("query", "seg_ids"),
+    "seg_dense": ("query", "seg_dense"), "t5": ("query", "t5"), "t5_uni-causal": ("query", "t5_uni", "causal"),
+    "all": ("query", "rank", "dense", "padding", "seg_ids", "t5"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_ID.get)
+@pytest.mark.parametrize("features", FEATURES.values(), ids=FEATURES.keys())
+def test_features(features, dtype):
+    x, kw = make_inputs(B=2, Lq=21, M=5, H=2, D=16, P=5, features=features)
+    check_against_reference(x, kw, dtype)
+
+
+@pytest.mark.parametrize("B,Lq,M,H,D,P", [
+    pytest.param(1, 1, 0, 1, 16, 1, id="B1-L1-H1-D16-P1"),
+    pytest.param(2, 7, 3, 3, 40, 2, id="B2-L7-M3-H3-D40-P2"),
+    pytest.param(1, 33, 0, 2, 64, 6, id="B1-L33-H2-D64-P6"),
+    pytest.param(1, 97, 11, 1, 16, 17, id="B1-L97-M11-H1-D16-P17"),
+    pytest.param(2, 9, 0, 1, 16, 14, id="B2-L9-H1-D16-P14-duplicates"),
+])
+def test_odd_sizes(B, Lq, M, H, D, P):
+    x, kw = make_inputs(B=B, Lq=Lq, M=M, H=H, D=D, P=P, features=("query", "rank", "seg_ids"))
+    check_against_reference(x, kw, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_ID.get)
+def test_per_batch_r_and_short_r(dtype):
+    x, kw = make_inputs(B=2, Lq=12, M=4, H=2, D=16, P=3, per_batch_r=True, features=("query", "causal"))
+    check_against_reference(x, kw, dtype)
+    # uni-style R = Lk + 1: rows >= R only occur for causally hidden pairs
+    x, kw = make_inputs(B=2, Lq=12, M=4, H=2, D=16, P=3, R=17, features=("query", "causal"))
+    check_against_reference(x, kw, dtype)
+
+
+@pytest.mark.parametrize("empty_rows", ["zero", "uniform"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["nodrop", "drop0.25"])
+def test_empty_rows(empty_rows, dropout_p):
+    x, kw = make_inputs(B=2, Lq=10, M=2, H=2, D=16, P=4, features=("query", "dense"))
+    kw["attn_mask"][0, 3] = True  # content row 3 sees only itself; a query row at 3 sees nothing
+    kw["attn_mask"][1] = True  # every query row of batch 1 is empty
+    kw["target_pos"][0, 0] = 3
+    check_against_reference(x, kw, torch.float32, empty_rows=empty_rows, dropout_p=dropout_p, seed=99)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_ID.get)
+def test_dropout_matches_reference(dtype):
+    x, kw = make_inputs(B=2, Lq=19, M=3, H=2, D=16, P=4, features=("query", "rank", "t5"))
+    check_against_reference(x, kw, dtype, dropout_p=0.3, seed=2**40 + 7)
+
+
+def test_dropout_mask_equals_reference_mask():
+    """With v = identity the outputs are the dropped probabilities: zeros must sit at the same places."""
+    B, Lq, H = 2, 16, 2
+    x, kw = make_inputs(B=B, Lq=Lq, H=H, D=Lq, P=3, dtype=torch.float32, features=("query",))
+    x["v"] = torch.eye(Lq)[None, :, None, :].expand(B, Lq, H, Lq).contiguous()
+    ref = reference.two_stream_attention(**x, **kw, dropout_p=0.5, seed=31)
+    out = two_stream_attention(**x, **kw, dropout_p=0.5, seed=31, backend="triton")
+    for a, b in zip(out, ref):
+        assert torch.equal(a == 0, b == 0)
+        torch.testing.assert_close(a, b)
+    keep = philox_uniform(31, torch.arange(B * H * Lq * Lq).view(B, H, Lq, Lq)) >= 0.5
+    assert torch.equal(out[0].permute(0, 2, 1, 3) != 0, keep)
+
+
+def test_strided_time_major_views():
+    """HF hands time-major [L, B, H, D] tensors: transposed views are read through their strides."""
+    x, kw = make_inputs(B=3, Lq=11, M=2, H=2, D=16, P=3, dtype=torch.float32, features=("query", "seg_ids"))
+    views = {n: (t.transpose(0, 1).contiguous().transpose(0, 1) if t.dim() == 4 else t) for n, t in x.items()}
+    a = two_stream_attention(**x, **kw, backend="triton")
+    b = two_stream_attention(**views, **kw, backend="triton")
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+    torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
+
+
+def test_unsupported_inputs_give_reasons():
+    x, kw = make_inputs(B=1, Lq=4, H=1, D=8, dtype=torch.float64)
+    with pytest.raises(BackendUnavailableError, match="dtype torch.float64"):
+        two_stream_attention(**x, backend="triton")
+    x, kw = make_inputs(B=1, Lq=4, H=1, D=160, dtype=torch.float32)
+    with pytest.raises(BackendUnavailableError, match="head dim 160 > 128"):
+        two_stream_attention(**x, backend="triton")
+    # auto falls back to the reference for them
+    two_stream_attention(**x)
