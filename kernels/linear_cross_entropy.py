@@ -94,7 +94,7 @@ def _lce_fwd_kernel(
         dis = tl.load(dis_ptr + rows * s_dis, mask=r_ok, other=-1).to(tl.int64)
     v_lo = pid_s * tiles_per_split * BLOCK_V
     v_hi = tl.minimum(V, v_lo + tiles_per_split * BLOCK_V)
-    if not SAMPLE:
+    if not SAMPLE and not ARGMAX:
         # rows past the kept ones have nothing to compute
         v_hi = tl.where(pid_n * BLOCK_N < n_keep, v_hi, v_lo)
     offs_v = tl.arange(0, BLOCK_V)

@@ -135,8 +135,11 @@ def _rtd_fwd_kernel(
         n_pred += (real & pred).to(tl.int32)
         n_repl += (real & label).to(tl.int32)
         if GRAD:
-            sig = tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-            g = tl.where(real, sig - lab, 0.0)
+            # sigmoid(z) - label without cancellation: sigmoid(z) - 1 = -sigmoid(-z)
+            big = 1.0 / u  # sigmoid(|z|)
+            small = e / u  # sigmoid(-|z|)
+            g = tl.where(label, -tl.where(z >= 0, small, big), tl.where(z >= 0, big, small))
+            g = tl.where(real, g, 0.0)
             acc_g += g
             if STORE_G:
                 tl.store(g_ptr + t, g, mask=valid)

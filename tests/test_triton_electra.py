@@ -1,0 +1,392 @@
+"""Triton ELECTRA kernels (``kernels/rtd_loss.py``, ``kernels/linear_cross_entropy.py``) against the
+float64 reference with the spec's 2x rule, HF / the original ELECTRA formula, and sampling checks.
+
+Runs on the CPU interpreter (``TRITON_INTERPRET=1``, set by conftest) or on a GPU; outputs are
+NaN-poisoned before launch (conftest), so an element a kernel forgets to write fails.
+"""
+
+import pytest
+import torch
+from conftest import DTYPE_ID, assert_policy
+
+from pyobjectives import linear_cross_entropy, rtd_loss
+from pyobjectives.backends import BACKENDS, triton_interpreter_enabled
+
+pytest.importorskip("triton", reason="Triton is not installed: the triton backend cannot run")
+_REASONS = BACKENDS["triton"].op_reasons("rtd_loss")
+pytestmark = pytest.mark.skipif(bool(_REASONS), reason="triton backend unavailable: " + "; ".join(_REASONS))
+
+#: The interpreter runs on CPU tensors; a GPU run (TRITON_INTERPRET=0) uses CUDA tensors.
+DEV = "cpu" if triton_interpreter_enabled() or not torch.cuda.is_available() else "cuda"
+
+
+def _lce_module():
+    from pyobjectives.kernels import linear_cross_entropy as K
+    return K
+
+
+def run(fn, leaves: dict, fixed: dict, dtype, **kw):
+    """Outputs and gradients of one call: float leaves cast to ``dtype`` (fresh leaves), every
+    output weighted by a ramp so that per-element gradients differ."""
+    xs = {n: t.detach().to(dtype).requires_grad_() for n, t in leaves.items()}
+    out = fn(**xs, **fixed, **kw)
+    outs = out if isinstance(out, tuple) else (out,)
+    diff = [o for o in outs if isinstance(o, torch.Tensor) and o.is_floating_point()]
+    ramps = [torch.linspace(-1, 1, o.numel(), dtype=o.dtype, device=o.device).view_as(o) for o in diff]
+    torch.autograd.backward([(o * r).sum() for o, r in zip(diff, ramps)])
+    return out, {n: t.grad for n, t in xs.items()}
+
+
+def check_policy(fn, leaves, fixed, dtype, **kw):
+    """Triton vs float64 reference: the 2x rule on the loss and every gradient; returns the three runs."""
+    got, got_g = run(fn, leaves, fixed, dtype, backend="triton", **kw)
+    ref, ref_g = run(fn, leaves, fixed, dtype, backend="reference", **kw)
+    orc, orc_g = run(fn, leaves, fixed, torch.float64, backend="reference", **kw)
+    first = lambda o: o[0] if isinstance(o, tuple) else o  # noqa: E731
+    assert first(got).dtype == dtype
+    assert_policy("loss", first(got), first(ref), first(orc), dtype)
+    for n in leaves:
+        assert_policy(f"d {n}", got_g[n], ref_g[n], orc_g[n], dtype)
+    return (got, got_g), (ref, ref_g), (orc, orc_g)
+
+
+# --- RTD loss ---------------------------------------------------------------------------------
+
+def rtd_inputs(lead, D=None, vocab=30, replace=0.3, pad=0.2, scale=3.0):
+    original = torch.randint(0, vocab, lead)
+    corrupted = torch.where(torch.rand(lead) < replace, torch.randint(0, vocab, lead), original)
+    mask = (torch.rand(lead) >= pad).long()
+    if D is None:
+        leaves = dict(logits_or_hidden=torch.randn(lead, dtype=torch.float64) * scale)
+    else:
+        leaves = dict(logits_or_hidden=torch.randn(*lead, D, dtype=torch.float64),
+                      head_weight=torch.randn(D, dtype=torch.float64) * scale / D**0.5,
+                      head_bias=torch.randn((), dtype=torch.float64))
+    fixed = dict(corrupted_ids=corrupted.to(DEV), original_ids=original.to(DEV), attention_mask=mask.to(DEV))
+    return {n: t.to(DEV) for n, t in leaves.items()}, fixed
+
+
+RTD_CASES = [((3, 37), None), ((53,), None), ((3, 37), 24), ((2, 19), 70), ((1, 5), 128)]
+
+
+def _rtd_id(case):
+    lead, D = case
+    return ("logits" if D is None else f"head-D{D}") + "-" + "x".join(map(str, lead))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_ID.get)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", RTD_CASES, ids=_rtd_id)
+def test_rtd_policy(case, reduction, dtype):
+    leaves, fixed = rtd_inputs(*case)
+    # ELECTRA's weight 50 on the mean; the sum / none keep magnitudes where fp32's absolute floor means something
+    check_policy(rtd_loss, leaves, fixed, dtype, reduction=reduction, loss_weight=50.0 if reduction == "mean" else 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=DTYPE_ID.get)
+@pytest.mark.parametrize("D", [None, 24], ids=["logits", "head-D24"])
+def test_rtd_policy_fp16_fp64(D, dtype):
+    leaves, fixed = rtd_inputs((4, 29), D)
+    check_policy(rtd_loss, leaves, fixed, dtype)
+
+
+@pytest.mark.parametrize("D", [None, 24], ids=["logits", "head-D24"])
+def test_rtd_stats_equal_reference(D):
+    leaves, fixed = rtd_inputs((5, 41), D)
+    _, got = rtd_loss(**leaves, **fixed, return_stats=True, backend="triton")
+    _, ref = rtd_loss(**leaves, **fixed, return_stats=True, backend="reference")
+    assert set(got) == set(ref) == {"accuracy", "precision", "recall", "replaced", "tokens"}
+    for k in ref:
+        assert got[k].dtype == torch.float32 and got[k].shape == ()
+        torch.testing.assert_close(got[k], ref[k].float(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("D", [None, 24], ids=["logits", "head-D24"])
+def test_rtd_no_real_token_is_zero(D):
+    leaves, fixed = rtd_inputs((3, 11), D)
+    fixed["attention_mask"] = torch.zeros_like(fixed["attention_mask"])
+    for reduction in ("mean", "sum"):
+        out, grads = run(rtd_loss, leaves, fixed, torch.float32, backend="triton", reduction=reduction,
+                         return_stats=True)
+        loss, stats = out
+        assert loss.item() == 0.0
+        assert all((g == 0).all() for g in grads.values())
+        assert all(v.item() == 0.0 for v in stats.values())
+
+
+def test_rtd_empty_input():
+    leaves, fixed = rtd_inputs((0, 7), 24)
+    out, grads = run(rtd_loss, leaves, fixed, torch.float32, backend="triton")
+    assert out.item() == 0.0 and grads["logits_or_hidden"].shape == (0, 7, 24)
+
+
+def test_rtd_layouts_strides_and_mask_dtypes():
+    """Transposed (time-major) hidden, sliced 3-D leading dims, int32 ids, bool / float / expanded masks."""
+    B, L, D = 3, 13, 24
+    hid_t = torch.randn(L, B, D, dtype=torch.float64, device=DEV)
+    hidden = hid_t.transpose(0, 1)  # [B, L, D], not contiguous
+    original = torch.randint(0, 9, (B, L), device=DEV)
+    corrupted = torch.where(torch.rand(B, L, device=DEV) < 0.4, torch.randint(0, 9, (B, L), device=DEV), original)
+    w, b = torch.randn(D, dtype=torch.float64, device=DEV), torch.randn((), dtype=torch.float64, device=DEV)
+    masks = [None, torch.rand(B, L, device=DEV) > 0.3, (torch.rand(B, L, device=DEV) > 0.3).double(),
+             (torch.rand(1, L, device=DEV) > 0.3).expand(B, L)]
+    for mask in masks:
+        for reduction in ("mean", "none"):
+            args = (corrupted.int(), original, mask)
+            got = rtd_loss(hidden, *args, head_weight=w, head_bias=b, reduction=reduction, backend="triton")
+            want = rtd_loss(hidden, *args, head_weight=w, head_bias=b, reduction=reduction, backend="reference")
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # three leading dims that cannot be collapsed to two strides (a sliced middle dim) -> copied
+    z = torch.randn(4, 10, 6, dtype=torch.float64, device=DEV)[:, ::3, :]
+    ids_o = torch.randint(0, 5, (4, 10, 6), device=DEV)[:, ::3, :]
+    ids_c = torch.randint(0, 5, (4, 10, 6), device=DEV)[:, ::3, :]
+    torch.testing.assert_close(rtd_loss(z, ids_c, ids_o, backend="triton"),
+                               rtd_loss(z, ids_c, ids_o, backend="reference"), rtol=1e-12, atol=1e-12)
+    # a single logit (0-dim)
+    z0 = torch.tensor(1.5, dtype=torch.float64, device=DEV)
+    one = torch.tensor(3, device=DEV)
+    torch.testing.assert_close(rtd_loss(z0, one, one + 1, backend="triton"),
+                               rtd_loss(z0, one, one + 1, backend="reference"))
+
+
+def test_rtd_gradcheck_fused_head():
+    leaves, fixed = rtd_inputs((2, 3), 4)
+    xs = [t.clone().requires_grad_() for t in leaves.values()]
+    torch.autograd.gradcheck(lambda h, w, b: rtd_loss(h, **fixed, head_weight=w, head_bias=b, loss_weight=2.0,
+                                                      backend="triton"), xs)
+    torch.autograd.gradcheck(lambda h, w, b: rtd_loss(h, **fixed, head_weight=w, head_bias=b, reduction="none",
+                                                      backend="triton"), xs)
+
+
+def test_rtd_partial_requires_grad():
+    """Only the head weight / only the bias / only the hidden state require a gradient."""
+    leaves, fixed = rtd_inputs((3, 17), 24)
+    for wanted in ("logits_or_hidden", "head_weight", "head_bias"):
+        for reduction in ("mean", "none"):
+            xs = {n: t.clone().requires_grad_(n == wanted) for n, t in leaves.items()}
+            loss = rtd_loss(**xs, **fixed, reduction=reduction, backend="triton")
+            loss.sum().backward()
+            ref = {n: t.clone().requires_grad_(n == wanted) for n, t in leaves.items()}
+            rtd_loss(**ref, **fixed, reduction=reduction, backend="reference").sum().backward()
+            torch.testing.assert_close(xs[wanted].grad, ref[wanted].grad, rtol=1e-10, atol=1e-12)
+
+
+def test_rtd_matches_hf_and_original_formula():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ElectraConfig(vocab_size=60, embedding_size=16, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=48)
+    model = transformers.ElectraForPreTraining(cfg).eval().to(DEV)
+    original = torch.randint(0, 60, (3, 17), device=DEV)
+    corrupted = torch.where(torch.rand(3, 17, device=DEV) < 0.3, torch.randint(0, 60, (3, 17), device=DEV), original)
+    mask = torch.ones(3, 17, dtype=torch.long, device=DEV)
+    mask[1, -5:] = 0
+    hf = model(input_ids=corrupted, attention_mask=mask, labels=(corrupted != original).long())
+    torch.testing.assert_close(rtd_loss(hf.logits, corrupted, original, mask, backend="triton"), hf.loss)
+    head = model.discriminator_predictions
+    body = model.electra(input_ids=corrupted, attention_mask=mask).last_hidden_state
+    hidden = head.activation(head.dense(body))
+    fused = rtd_loss(hidden, corrupted, original, mask, head_weight=head.dense_prediction.weight[0],
+                     head_bias=head.dense_prediction.bias[0], backend="triton")
+    torch.testing.assert_close(fused, hf.loss)
+    # google-research/electra: sigmoid cross-entropy averaged over real tokens, weight 50
+    z = hf.logits.detach().double()
+    y = (corrupted != original).double()
+    p = torch.sigmoid(z)
+    formula = 50 * ((-(y * torch.log(p) + (1 - y) * torch.log1p(-p))) * mask).sum() / mask.sum()
+    got = rtd_loss(hf.logits.detach(), corrupted, original, mask, loss_weight=50.0, backend="triton")
+    assert abs(got.double().item() - formula.item()) <= 1e-5 * abs(formula.item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_rtd_cuda_graph_capture_no_host_sync():
+    leaves, fixed = rtd_inputs((4, 64), 32)
+    x = leaves["logits_or_hidden"].float().requires_grad_()
+    w, b = leaves["head_weight"].float(), leaves["head_bias"].float()
+    rtd_loss(x, **fixed, head_weight=w, head_bias=b, backend="triton").backward()  # compile outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = rtd_loss(x, **fixed, head_weight=w, head_bias=b, backend="triton")
+    graph.replay()
+    torch.testing.assert_close(loss, rtd_loss(x, **fixed, head_weight=w, head_bias=b, backend="reference"))
+
+
+# --- linear cross-entropy -----------------------------------------------------------------------
+
+def lce_inputs(N, E, V, bias=True, ignore_every=3):
+    leaves = dict(hidden=torch.randn(N, E, dtype=torch.float64),
+                  weight=torch.randn(V, E, dtype=torch.float64) / E**0.5)
+    if bias:
+        leaves["bias"] = torch.randn(V, dtype=torch.float64)
+    targets = torch.randint(0, V, (N,))
+    if ignore_every:
+        targets[1::ignore_every] = -100
+    return {n: t.to(DEV) for n, t in leaves.items()}, dict(targets=targets.to(DEV))
+
+
+LCE_CASES = [  # (N, E, V, reduction, dtype)
+    *[(1, 24, 11, r, d) for r in ("mean", "sum", "none") for d in (torch.float32, torch.bfloat16)],
+    *[(53, 24, 997, r, d) for r in ("mean", "sum", "none") for d in (torch.float32, torch.bfloat16)],
+    (53, 128, 997, "mean", torch.float32), (53, 128, 997, "none", torch.bfloat16),
+    (3, 128, 30522, "mean", torch.float32), (3, 128, 30522, "none", torch.bfloat16),
+]
+
+
+def _lce_id(case):
+    N, E, V, r, d = case
+    return f"N{N}-E{E}-V{V}-{r}-{DTYPE_ID[d]}"
+
+
+@pytest.mark.parametrize("case", LCE_CASES, ids=_lce_id)
+def test_lce_policy(case):
+    N, E, V, reduction, dtype = case
+    leaves, fixed = lce_inputs(N, E, V)
+    (got, _), (ref, _), _ = check_policy(linear_cross_entropy, leaves, fixed, dtype, reduction=reduction,
+                                         sample=True, seed=17)
+    if dtype == torch.float32:
+        assert torch.equal(got[1], ref[1]), "samples differ from the reference's for the same seed"
+    else:  # 16-bit logits: the matmul's rounding to the input dtype may differ in a rare last bit
+        assert (got[1] != ref[1]).sum().item() <= max(1, N // 50)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=DTYPE_ID.get)
+def test_lce_policy_fp16_fp64(dtype):
+    leaves, fixed = lce_inputs(29, 24, 301)
+    check_policy(linear_cross_entropy, leaves, fixed, dtype)
+
+
+def test_lce_no_bias_and_strided_inputs():
+    N, E, V = 21, 24, 211
+    leaves, fixed = lce_inputs(N, E, V, bias=False)
+    check_policy(linear_cross_entropy, leaves, fixed, torch.float32)
+    hidden = torch.randn(E, N, dtype=torch.float64, device=DEV).t()          # column-major
+    weight = torch.randn(E, V, dtype=torch.float64, device=DEV).t() / E**0.5  # [V, E] view of [E, V]
+    targets = torch.randint(0, V, (2 * N,), device=DEV)[::2]                  # strided targets
+    for reduction in ("mean", "none"):
+        got = linear_cross_entropy(hidden, weight, targets, reduction=reduction, backend="triton")
+        want = linear_cross_entropy(hidden, weight, targets, reduction=reduction, backend="reference")
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_lce_all_rows_ignored_is_zero_not_nan():
+    leaves, fixed = lce_inputs(6, 24, 37)
+    fixed["targets"] = torch.full_like(fixed["targets"], -100)
+    for reduction in ("mean", "sum", "none"):
+        out, grads = run(linear_cross_entropy, leaves, fixed, torch.float32, backend="triton", reduction=reduction)
+        assert (out == 0).all() and torch.isfinite(out).all()
+        assert all((g == 0).all() for g in grads.values())
+    # and with sampling: every row is still sampled
+    _, sampled = linear_cross_entropy(*[leaves[n].float() for n in ("hidden", "weight")], fixed["targets"],
+                                      leaves["bias"].float(), sample=True, seed=3, backend="triton")
+    _, want = linear_cross_entropy(*[leaves[n].float() for n in ("hidden", "weight")], fixed["targets"],
+                                   leaves["bias"].float(), sample=True, seed=3, backend="reference")
+    assert torch.equal(sampled, want)
+
+
+def test_lce_empty_rows():
+    leaves, fixed = lce_inputs(0, 24, 37)
+    out, grads = run(linear_cross_entropy, leaves, fixed, torch.float32, backend="triton")
+    assert out.item() == 0.0 and grads["weight"].abs().sum() == 0 and grads["hidden"].shape == (0, 24)
+
+
+def test_lce_gradcheck():
+    leaves, fixed = lce_inputs(5, 6, 13)
+    xs = [leaves[n].clone().requires_grad_() for n in ("hidden", "weight", "bias")]
+    torch.autograd.gradcheck(lambda h, w, b: linear_cross_entropy(h, w, fixed["targets"], b, backend="triton"), xs)
+
+
+def test_lce_partial_requires_grad():
+    leaves, fixed = lce_inputs(19, 24, 97)
+    for wanted in ("hidden", "weight", "bias"):
+        xs = {n: t.clone().requires_grad_(n == wanted) for n, t in leaves.items()}
+        linear_cross_entropy(**xs, **fixed, backend="triton").backward()
+        ref = {n: t.clone().requires_grad_(n == wanted) for n, t in leaves.items()}
+        linear_cross_entropy(**ref, **fixed, backend="reference").backward()
+        torch.testing.assert_close(xs[wanted].grad, ref[wanted].grad, rtol=1e-10, atol=1e-12)
+
+
+def test_lce_tilings_and_splits_agree(monkeypatch):
+    """Samples are keyed on (seed, row, vocab id) only: other tile sizes and vocabulary splits
+    (forward and d hidden) draw the same ids; losses and gradients agree to rounding."""
+    K = _lce_module()
+    leaves, fixed = lce_inputs(37, 40, 301)
+    leaves = {n: t.float() for n, t in leaves.items()}
+    base, base_g = run(linear_cross_entropy, leaves, fixed, torch.float32, backend="triton", sample=True, seed=9,
+                       temperature=0.8)
+    for override in (dict(fwd=(16, 32, 16), fwd_splits=3, dh=(16, 32, 16, 16), dh_splits=4, dw=(32, 16, 16, 32)),
+                     dict(fwd=(64, 512, 64), fwd_splits=1, dh=(64, 128, 64, 64), dh_splits=2)):
+        monkeypatch.setattr(K, "CONFIG_OVERRIDE", override)
+        out, grads = run(linear_cross_entropy, leaves, fixed, torch.float32, backend="triton", sample=True, seed=9,
+                         temperature=0.8)
+        assert torch.equal(out[1], base[1])
+        torch.testing.assert_close(out[0], base[0], rtol=1e-6, atol=1e-6)
+        for n in grads:
+            torch.testing.assert_close(grads[n], base_g[n], rtol=1e-5, atol=1e-6)
+
+
+def test_lce_sampling_chi_square(monkeypatch):
+    """Many rows with identical logits: counts of the samples fit softmax(z / T) (6 dof, p > 1e-5);
+    the disallowed id is never drawn and the rest renormalises."""
+    monkeypatch.setattr(_lce_module(), "CONFIG_OVERRIDE", dict(fwd=(512, 16, 16)))
+    V, N, T = 7, 6000, 0.7
+    weight = torch.randn(V, 3, device=DEV)
+    bias = torch.randn(V, device=DEV)
+    hidden = torch.randn(1, 3, device=DEV).expand(N, 3)
+    targets = torch.zeros(N, dtype=torch.long, device=DEV)
+    _, sampled = linear_cross_entropy(hidden, weight, targets, bias, sample=True, temperature=T, seed=11,
+                                      backend="triton")
+    probs = torch.softmax((hidden[0].double() @ weight.double().t() + bias.double()) / T, 0)
+    observed = torch.bincount(sampled, minlength=V).double()
+    chi2 = ((observed - probs * N) ** 2 / (probs * N)).sum().item()
+    assert chi2 < 33.1, (chi2, observed, probs * N)  # P(chi2_6 > 33.1) = 1e-5
+    banned = int(probs.argmax())
+    _, sampled = linear_cross_entropy(hidden, weight, targets, bias, sample=True, temperature=T, seed=12,
+                                      disallow=torch.full((N,), banned, device=DEV), backend="triton")
+    assert (sampled != banned).all()
+    rest = probs.clone()
+    rest[banned] = 0
+    rest /= rest.sum()
+    observed = torch.bincount(sampled, minlength=V).double()
+    keep = rest > 0
+    chi2 = ((observed[keep] - rest[keep] * N) ** 2 / (rest[keep] * N)).sum().item()
+    assert chi2 < 31.3, (chi2, observed, rest * N)  # 5 dof: P(chi2 > 31.3) = 1e-5
+
+
+def test_lce_seed_reproducibility_rows_keyed_on_original_index():
+    N, E, V = 40, 24, 101
+    leaves, fixed = lce_inputs(N, E, V)
+    h, w, b = (leaves[n].float() for n in ("hidden", "weight", "bias"))
+    t = fixed["targets"]
+    _, a = linear_cross_entropy(h, w, t, b, sample=True, seed=3, backend="triton")
+    _, a2 = linear_cross_entropy(h, w, t, b, sample=True, seed=3, backend="triton")
+    _, c = linear_cross_entropy(h, w, t, b, sample=True, seed=4, backend="triton")
+    assert torch.equal(a, a2) and not torch.equal(a, c)
+    assert torch.equal(a, linear_cross_entropy(h, w, t, b, sample=True, seed=3, backend="reference")[1])
+    # ignore rows reorder the kernel's rows (compaction) but not the noise: same ids without them
+    _, no_ignore = linear_cross_entropy(h, w, t.clamp(min=0), b, sample=True, seed=3, backend="triton")
+    assert torch.equal(no_ignore, a)
+    # a prefix of the rows draws the same ids; a large seed works
+    assert torch.equal(linear_cross_entropy(h[:10], w, t[:10], b, sample=True, seed=3, backend="triton")[1], a[:10])
+    big = 2**63 - 5
+    assert torch.equal(linear_cross_entropy(h, w, t, b, sample=True, seed=big, backend="triton")[1],
+                       linear_cross_entropy(h, w, t, b, sample=True, seed=big, backend="reference")[1])
+    # disallow excludes exactly that id; temperature changes sampling only
+    _, d = linear_cross_entropy(h, w, t, b, sample=True, seed=3, disallow=a, backend="triton")
+    assert (d != a).all()
+    assert torch.equal(d, linear_cross_entropy(h, w, t, b, sample=True, seed=3, disallow=a, backend="reference")[1])
+    cold = linear_cross_entropy(h, w, t, b, sample=True, seed=3, temperature=0.05, backend="triton")
+    torch.testing.assert_close(cold[0], linear_cross_entropy(h, w, t, b, backend="triton"))
+    assert torch.equal(cold[1], linear_cross_entropy(h, w, t, b, sample=True, seed=3, temperature=0.05,
+                                                     backend="reference")[1])
+
+
+def test_lce_argmax_from_the_same_sweep():
+    K = _lce_module()
+    leaves, fixed = lce_inputs(33, 24, 211)
+    h, w, b = (leaves[n].float() for n in ("hidden", "weight", "bias"))
+    loss, sampled, argmax = K.linear_cross_entropy(h, w, fixed["targets"], b, sample=True, seed=1,
+                                                   return_argmax=True)
+    assert torch.equal(argmax, (h @ w.t() + b).argmax(1))
+    loss2, argmax2 = K.linear_cross_entropy(h, w, fixed["targets"], b, return_argmax=True)
+    assert torch.equal(argmax2, argmax) and torch.equal(loss2, loss)
+
