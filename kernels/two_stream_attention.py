@@ -56,13 +56,18 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _blocks(head_dim: int) -> dict:
-    """Tile sizes: small for the interpreter, H100/H200-sized otherwise."""
+def _row_blocks() -> dict:
+    """Row tile sizes. BM (content rows, and the position block that query chunks live in) is fixed
+    per call because the host cuts query chunks by it; key tiles (BN) are autotuned."""
+    return dict(BM=16, BQ=16) if _interpret() else dict(BM=64, BQ=16)
+
+
+def _key_configs():
+    """Autotuning space for the key tile on H100/H200; one small config for the interpreter.
+    BN <= BM keeps the r band within BAND = 2 * BM rows."""
     if _interpret():
-        return dict(BM=16, BN=16, BQ=16, num_warps=1, num_stages=1)
-    if head_dim <= 64:
-        return dict(BM=64, BN=64, BQ=16, num_warps=4, num_stages=2)
-    return dict(BM=64, BN=32, BQ=16, num_warps=4, num_stages=2)
+        return [triton.Config({"BN": 16}, num_warps=1, num_stages=1)]
+    return [triton.Config({"BN": bn}, num_warps=w, num_stages=st) for bn in (32, 64) for w in (4, 8) for st in (1, 2)]
 
 
 def not_supported_reasons(inputs) -> list:
@@ -93,17 +98,19 @@ def _load_band(r_base, stride_rr, stride_rd, band_start, R, D, BAND: tl.constexp
     t = band_start + tl.arange(0, BAND)
     d = tl.arange(0, BD)
     ok = (t >= 0) & (t < R)
-    return tl.load(r_base + t[:, None] * stride_rr + d[None, :] * stride_rd, mask=ok[:, None] & (d[None, :] < D),
-                   other=0.0)
+    return tl.load(
+        r_base + t[:, None] * stride_rr + d[None, :] * stride_rd, mask=ok[:, None] & (d[None, :] < D), other=0.0
+    )
 
 
 @triton.jit
-def _tile_scores(xq, rw, rr, e0, e1, k, rband, pos, row_ok, qrank_row, segq_row, n0, m0, b, h, Lq, Lk, M, scale,
-                 krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segk_ptr, s_segk_b, mask_ptr, s_mask_b,
-                 s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r,
-                 IS_CONTENT: tl.constexpr, HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_KPM: tl.constexpr,
-                 CAUSAL: tl.constexpr, SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr,
-                 DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+def _tile_scores(
+    xq, rw, rr, e0, e1, k, rband, pos, row_ok, qrank_row, segq_row, n0, m0, b, h, Lq, Lk, M, scale, krank_ptr,
+    s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr,
+    s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, IS_CONTENT: tl.constexpr, HAS_RANK: tl.constexpr,
+    HAS_DENSE: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, SEG_IDS: tl.constexpr,
+    SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr, DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):
     """Scores ``s`` (fp32, before masking), visibility ``vis`` and "segments differ" of one tile."""
     offs_n = n0 + tl.arange(0, BN)
     differ = tl.zeros([xq.shape[0], BN], dtype=tl.int1)
@@ -117,8 +124,14 @@ def _tile_scores(xq, rw, rr, e0, e1, k, rband, pos, row_ok, qrank_row, segq_row,
         differ = segq_row[:, None] != segk[None, :]
         s += tl.where(differ, e1[:, None], e0[:, None])
     if SEG_DENSE:
-        differ = tl.load(segd_ptr + b * s_segd_b + pos[:, None] * s_segd_q + offs_n[None, :] * s_segd_k,
-                         mask=row_ok[:, None] & key_ok[None, :], other=0) != 0
+        differ = (
+            tl.load(
+                segd_ptr + b * s_segd_b + pos[:, None] * s_segd_q + offs_n[None, :] * s_segd_k,
+                mask=row_ok[:, None] & key_ok[None, :],
+                other=0,
+            )
+            != 0
+        )
         s += tl.where(differ, e1[:, None], e0[:, None])
     s = s * scale
     if HAS_T5:
@@ -131,8 +144,11 @@ def _tile_scores(xq, rw, rr, e0, e1, k, rband, pos, row_ok, qrank_row, segq_row,
         krank = tl.load(krank_ptr + b * s_krank_b + offs_n, mask=key_ok, other=0)
         vis = vis & (krank[None, :] < qrank_row[:, None])
     if HAS_DENSE:
-        masked = tl.load(mask_ptr + b * s_mask_b + pos[:, None] * s_mask_q + offs_n[None, :] * s_mask_k,
-                         mask=row_ok[:, None] & key_ok[None, :], other=1)
+        masked = tl.load(
+            mask_ptr + b * s_mask_b + pos[:, None] * s_mask_q + offs_n[None, :] * s_mask_k,
+            mask=row_ok[:, None] & key_ok[None, :],
+            other=1,
+        )
         vis = vis & (masked == 0)
     if HAS_KPM:
         pad = tl.load(kpm_ptr + b * s_kpm_b + offs_n * s_kpm_l, mask=key_ok, other=1)
@@ -153,8 +169,10 @@ def _keep_scale(seed, drop_row_off, n0, dropout_p, BN: tl.constexpr):
 
 
 @triton.jit
-def _row_set(b, h, m_blk, chunk_start, chunk_count, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, Lq, Lk,
-             P, H, B, IS_CONTENT: tl.constexpr, ROWS: tl.constexpr, BM: tl.constexpr):
+def _row_set(
+    b, h, m_blk, chunk_start, chunk_count, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, Lq, Lk, P, H, B,
+    IS_CONTENT: tl.constexpr, ROWS: tl.constexpr, BM: tl.constexpr,
+):
     """Rows of one set: (row index in its stream, position, valid, dropout row offset)."""
     if IS_CONTENT:
         rows = m_blk * BM + tl.arange(0, ROWS)
@@ -172,16 +190,21 @@ def _row_set(b, h, m_blk, chunk_start, chunk_count, sorted_ptr, s_sorted_b, tpos
 
 
 @triton.jit
-def _row_inputs(x_ptr, s_xb, s_xl, s_xh, s_xd, rows, row_ok, pos, b, h, D, rw_ptr, rr_ptr, rs_ptr, se_ptr,
-                s_bias_h, s_se_s, s_se_h, qrank_ptr, s_qrank_b, segq_ptr, s_segq_b,
-                HAS_RANK: tl.constexpr, HAS_SEG: tl.constexpr, SEG_IDS: tl.constexpr, BD: tl.constexpr):
+def _row_inputs(
+    x_ptr, s_xb, s_xl, s_xh, s_xd, rows, row_ok, pos, b, h, D, rw_ptr, rr_ptr, rs_ptr, se_ptr, s_bias_h, s_se_s,
+    s_se_h, qrank_ptr, s_qrank_b, segq_ptr, s_segq_b, HAS_RANK: tl.constexpr, HAS_SEG: tl.constexpr,
+    SEG_IDS: tl.constexpr, BD: tl.constexpr,
+):
     """Queries of a row set with the biases added, and the per-row segment / rank values."""
     d = tl.arange(0, BD)
     d_ok = d < D
     # The biases stay apart from the queries: (q + b).k = q.k + b.k with b.k computed per key in fp32,
     # so half-precision inputs never round the sum q + b (more accurate than eager, which does).
-    xq = tl.load(x_ptr + b * s_xb + rows[:, None] * s_xl + h * s_xh + d[None, :] * s_xd,
-                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    xq = tl.load(
+        x_ptr + b * s_xb + rows[:, None] * s_xl + h * s_xh + d[None, :] * s_xd,
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
     x = xq.to(tl.float32)
     rw = tl.load(rw_ptr + h * s_bias_h + d, mask=d_ok, other=0.0).to(tl.float32)
     rr = tl.load(rr_ptr + h * s_bias_h + d, mask=d_ok, other=0.0).to(tl.float32)
@@ -226,23 +249,24 @@ def _unskew(ds, pos, m0, BM: tl.constexpr, BN: tl.constexpr, BAND: tl.constexpr)
 
 @triton.jit
 def _fwd_rows(
-        pid_item, b, h, m_blk, c_start, c_count,
-        x_ptr, s_xb, s_xl, s_xh, s_xd, o_ptr, s_ob, s_ol, s_oh, s_od, lse_ptr, s_lse_b, s_lse_h,
-        k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
-        rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
-        sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
-        qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b,
-        mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r,
-        seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D,
-        IS_CONTENT: tl.constexpr, ROWS: tl.constexpr, HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr,
-        HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr,
-        HAS_T5: tl.constexpr, HAS_DROPOUT: tl.constexpr, EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND: tl.constexpr):
-    rows, pos, row_ok, drop_off = _row_set(b, h, m_blk, c_start, c_count, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b,
-                                           s_tpos_p, Lq, Lk, P, H, B, IS_CONTENT, ROWS, BM)
+    pid_item, b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, o_ptr, s_ob, s_ol, s_oh, s_od, lse_ptr,
+    s_lse_b, s_lse_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
+    rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
+    qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b,
+    mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed,
+    dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT: tl.constexpr, ROWS: tl.constexpr, HAS_RANK: tl.constexpr,
+    HAS_DENSE: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, SEG_IDS: tl.constexpr,
+    SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr, HAS_DROPOUT: tl.constexpr, EMPTY_UNIFORM: tl.constexpr,
+    DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND: tl.constexpr,
+):
+    rows, pos, row_ok, drop_off = _row_set(
+        b, h, m_blk, c_start, c_count, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, Lq, Lk, P, H, B,
+        IS_CONTENT, ROWS, BM,
+    )
     xq, rw, rr, e0, e1, qrank_row, segq_row = _row_inputs(
         x_ptr, s_xb, s_xl, s_xh, s_xd, rows, row_ok, pos, b, h, D, rw_ptr, rr_ptr, rs_ptr, se_ptr, s_bias_h, s_se_s,
-        s_se_h, qrank_ptr, s_qrank_b, segq_ptr, s_segq_b, HAS_RANK, SEG_IDS or SEG_DENSE, SEG_IDS, BD)
+        s_se_h, qrank_ptr, s_qrank_b, segq_ptr, s_segq_b, HAS_RANK, SEG_IDS or SEG_DENSE, SEG_IDS, BD,
+    )
     m0 = m_blk * BM
     d = tl.arange(0, BD)
     d_ok = d < D
@@ -257,10 +281,11 @@ def _fwd_rows(
         v = tl.load(v_ptr + b * s_vb + offs_n[:, None] * s_vl + h * s_vh + d[None, :] * s_vd, mask=kv_mask, other=0.0)
         rband = _load_band(r_ptr + b * s_rb + h * s_rh, s_rr, s_rd, Lq - (m0 + BM - 1) + n0, R, D, BAND, BD)
         s, vis, differ = _tile_scores(
-            xq, rw, rr, e0, e1, k, rband, pos, row_ok, qrank_row, segq_row, n0, m0, b, h, Lq, Lk, M, scale,
-            krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q,
-            s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, IS_CONTENT, HAS_RANK, HAS_DENSE,
-            HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, DOT_PREC, BM, BN)
+            xq, rw, rr, e0, e1, k, rband, pos, row_ok, qrank_row, segq_row, n0, m0, b, h, Lq, Lk, M, scale, krank_ptr,
+            s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k,
+            segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, IS_CONTENT, HAS_RANK, HAS_DENSE, HAS_KPM,
+            CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, DOT_PREC, BM, BN,
+        )
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -280,8 +305,11 @@ def _fwd_rows(
             for n0 in range(0, Lk, BN):
                 offs_n = n0 + tl.arange(0, BN)
                 key_ok = offs_n < Lk
-                v = tl.load(v_ptr + b * s_vb + offs_n[:, None] * s_vl + h * s_vh + d[None, :] * s_vd,
-                            mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+                v = tl.load(
+                    v_ptr + b * s_vb + offs_n[:, None] * s_vl + h * s_vh + d[None, :] * s_vd,
+                    mask=key_ok[:, None] & d_ok[None, :],
+                    other=0.0,
+                )
                 pu = tl.where(row_ok[:, None] & key_ok[None, :], 1.0 / Lk, 0.0)
                 if HAS_DROPOUT:
                     pu = pu * _keep_scale(seed, drop_off, n0, dropout_p, BN)
@@ -289,53 +317,66 @@ def _fwd_rows(
             out = tl.where(empty[:, None], acc_u, out)
     m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
     lse = tl.where(empty, float("inf"), m_fin + tl.log(tl.where(empty, 1.0, l_i)))
-    tl.store(o_ptr + b * s_ob + rows[:, None] * s_ol + h * s_oh + d[None, :] * s_od, out.to(o_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(
+        o_ptr + b * s_ob + rows[:, None] * s_ol + h * s_oh + d[None, :] * s_od,
+        out.to(o_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
     tl.store(lse_ptr + b * s_lse_b + h * s_lse_h + rows, lse, mask=row_ok)
 
 
 @triton.jit
-def _bwd_rows_setup(b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, do_ptr, s_dob, s_dol, s_doh, s_dod, lse_ptr, delta_ptr, s_lse_b, s_lse_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
-        rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
-        sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
-        qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b,
-        mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r,
-        seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D,
-                    IS_CONTENT: tl.constexpr, ROWS: tl.constexpr, HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr,
-        HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr,
-        HAS_T5: tl.constexpr, HAS_DROPOUT: tl.constexpr, EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND: tl.constexpr):
+def _bwd_rows_setup(
+    b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, do_ptr, s_dob, s_dol, s_doh, s_dod, lse_ptr,
+    delta_ptr, s_lse_b, s_lse_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr,
+    s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b,
+    s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr,
+    s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r,
+    seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT: tl.constexpr, ROWS: tl.constexpr,
+    HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+    SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    BAND: tl.constexpr,
+):
     """Everything a backward kernel needs about one row set: positions, biased queries, dO, lse, delta."""
-    rows, pos, row_ok, drop_off = _row_set(b, h, m_blk, c_start, c_count, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b,
-                                           s_tpos_p, Lq, Lk, P, H, B, IS_CONTENT, ROWS, BM)
+    rows, pos, row_ok, drop_off = _row_set(
+        b, h, m_blk, c_start, c_count, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, Lq, Lk, P, H, B,
+        IS_CONTENT, ROWS, BM,
+    )
     xq, rw, rr, e0, e1, qrank_row, segq_row = _row_inputs(
         x_ptr, s_xb, s_xl, s_xh, s_xd, rows, row_ok, pos, b, h, D, rw_ptr, rr_ptr, rs_ptr, se_ptr, s_bias_h, s_se_s,
-        s_se_h, qrank_ptr, s_qrank_b, segq_ptr, s_segq_b, HAS_RANK, SEG_IDS or SEG_DENSE, SEG_IDS, BD)
+        s_se_h, qrank_ptr, s_qrank_b, segq_ptr, s_segq_b, HAS_RANK, SEG_IDS or SEG_DENSE, SEG_IDS, BD,
+    )
     d = tl.arange(0, BD)
-    do = tl.load(do_ptr + b * s_dob + rows[:, None] * s_dol + h * s_doh + d[None, :] * s_dod,
-                 mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+    do = tl.load(
+        do_ptr + b * s_dob + rows[:, None] * s_dol + h * s_doh + d[None, :] * s_dod,
+        mask=row_ok[:, None] & (d[None, :] < D),
+        other=0.0,
+    )
     lse = tl.load(lse_ptr + b * s_lse_b + h * s_lse_h + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(delta_ptr + b * s_lse_b + h * s_lse_h + rows, mask=row_ok, other=0.0)
     return rows, pos, row_ok, drop_off, xq, rw, rr, e0, e1, qrank_row, segq_row, do, lse, delta
 
 
 @triton.jit
-def _bwd_tile(xq, rw, rr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do, lse, delta, drop_off, n0, m0, b, h,
-              k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
-        rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
-        sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
-        qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b,
-        mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r,
-        seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT: tl.constexpr, HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr,
-        HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr,
-        HAS_T5: tl.constexpr, HAS_DROPOUT: tl.constexpr, EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND: tl.constexpr):
+def _bwd_tile(
+    xq, rw, rr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do, lse, delta, drop_off, n0, m0, b, h, k_ptr,
+    s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr,
+    s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b,
+    krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b,
+    s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H,
+    Lq, Lk, M, R, P, D, IS_CONTENT: tl.constexpr, HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr,
+    HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, BD: tl.constexpr, BAND: tl.constexpr,
+):
     """Recompute one tile: probabilities after dropout ``pd`` and dL/dscore ``ds`` (plus "segments differ")."""
     s, vis, differ = _tile_scores(
-        xq, rw, rr, e0, e1, k, rband, pos, row_ok, qrank_row, segq_row, n0, m0, b, h, Lq, Lk, M, scale,
-        krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q,
-        s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, IS_CONTENT, HAS_RANK, HAS_DENSE,
-        HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, DOT_PREC, BM, BN)
+        xq, rw, rr, e0, e1, k, rband, pos, row_ok, qrank_row, segq_row, n0, m0, b, h, Lq, Lk, M, scale, krank_ptr,
+        s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr,
+        s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, IS_CONTENT, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL,
+        SEG_IDS, SEG_DENSE, HAS_T5, DOT_PREC, BM, BN,
+    )
     key_ok = (n0 + tl.arange(0, BN)) < Lk
     p = _probs(s, vis, lse, lse == float("inf"), row_ok, key_ok, Lk, EMPTY_UNIFORM)
     dp = _dot(do, tl.trans(v), DOT_PREC)
@@ -349,8 +390,9 @@ def _bwd_tile(xq, rw, rr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row,
 
 
 @triton.jit
-def _load_kv(b, h, n0, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, Lk, D,
-             BN: tl.constexpr, BD: tl.constexpr):
+def _load_kv(
+    b, h, n0, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, Lk, D, BN: tl.constexpr, BD: tl.constexpr
+):
     offs_n = n0 + tl.arange(0, BN)
     d = tl.arange(0, BD)
     kv_mask = (offs_n < Lk)[:, None] & (d < D)[None, :]
@@ -360,24 +402,27 @@ def _load_kv(b, h, n0, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s
 
 
 @triton.jit
-def _dq_rows(pid, b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, do_ptr, s_dob, s_dol, s_doh, s_dod, lse_ptr, delta_ptr, s_lse_b, s_lse_h, dx_ptr, s_dxb, s_dxl, s_dxh, s_dxd, de_ptr, s_de_b, s_de_h,
-             bias_part_ptr, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
-        rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
-        sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
-        qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b,
-        mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r,
-        seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT: tl.constexpr, ROWS: tl.constexpr, HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr,
-        HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr,
-        HAS_T5: tl.constexpr, HAS_DROPOUT: tl.constexpr, EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND: tl.constexpr):
+def _dq_rows(
+    pid, b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, do_ptr, s_dob, s_dol, s_doh, s_dod, lse_ptr,
+    delta_ptr, s_lse_b, s_lse_h, dx_ptr, s_dxb, s_dxl, s_dxh, s_dxd, de_ptr, s_de_b, s_de_h, bias_part_ptr, k_ptr,
+    s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr,
+    s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b,
+    krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b,
+    s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H,
+    Lq, Lk, M, R, P, D, IS_CONTENT: tl.constexpr, ROWS: tl.constexpr, HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr,
+    HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, BD: tl.constexpr, BAND: tl.constexpr,
+):
     rows, pos, row_ok, drop_off, xq, rw, rr, e0, e1, qrank_row, segq_row, do, lse, delta = _bwd_rows_setup(
-        b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, do_ptr, s_dob, s_dol, s_doh, s_dod, lse_ptr, delta_ptr, s_lse_b, s_lse_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
-        rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
-        sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
-        qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b,
-        mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r,
-        seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT, ROWS, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC,
-        BM, BN, BD, BAND)
+        b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, do_ptr, s_dob, s_dol, s_doh, s_dod, lse_ptr,
+        delta_ptr, s_lse_b, s_lse_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr,
+        s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr,
+        s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b,
+        segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr,
+        s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT, ROWS, HAS_RANK, HAS_DENSE,
+        HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC, BM, BN, BD, BAND,
+    )
     m0 = m_blk * BM
     d = tl.arange(0, BD)
     d_ok = d < D
@@ -388,14 +433,15 @@ def _dq_rows(pid, b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, 
     for n0 in range(0, Lk, BN):
         k, v = _load_kv(b, h, n0, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, Lk, D, BN, BD)
         rband = _load_band(r_ptr + b * s_rb + h * s_rh, s_rr, s_rd, Lq - (m0 + BM - 1) + n0, R, D, BAND, BD)
-        pd, ds, differ = _bwd_tile(xq, rw, rr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do, lse, delta,
-                                   drop_off, n0, m0, b, h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
-        rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
-        sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
-        qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b,
-        mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r,
-        seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC,
-        BM, BN, BD, BAND)
+        pd, ds, differ = _bwd_tile(
+            xq, rw, rr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do, lse, delta, drop_off, n0, m0, b, h,
+            k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr,
+            rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
+            qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr,
+            s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h,
+            s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT, HAS_RANK, HAS_DENSE, HAS_KPM,
+            CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC, BM, BN, BD, BAND,
+        )
         dsc = ds * scale
         acc_ac += _dot(dsc.to(k.dtype), k, DOT_PREC)
         acc_bd += _dot(_unskew(dsc, pos, m0, BM, BN, BAND).to(rband.dtype), rband, DOT_PREC)
@@ -409,8 +455,11 @@ def _dq_rows(pid, b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, 
         dq += de0[:, None] * se0[None, :] + de1[:, None] * se1[None, :]
         tl.store(de_ptr + b * s_de_b + h * s_de_h + rows * 2, de0, mask=row_ok)
         tl.store(de_ptr + b * s_de_b + h * s_de_h + rows * 2 + 1, de1, mask=row_ok)
-    tl.store(dx_ptr + b * s_dxb + rows[:, None] * s_dxl + h * s_dxh + d[None, :] * s_dxd,
-             dq.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(
+        dx_ptr + b * s_dxb + rows[:, None] * s_dxl + h * s_dxh + d[None, :] * s_dxd,
+        dq.to(dx_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
     # per-program sums of the content / position parts of dq: r_w_bias and r_r_bias gradients
     part = bias_part_ptr + (pid * H + h) * 2 * BD
     tl.store(part + d, tl.sum(acc_ac, axis=0))
@@ -418,71 +467,82 @@ def _dq_rows(pid, b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, 
 
 
 @triton.jit
-def _dq_kernel(chunks_ptr, n_content, n_mb, q_ptr, s_qb, s_ql, s_qh, s_qd, doh_ptr, s_dohb, s_dohl, s_dohh, s_dohd, lseh_ptr, deltah_ptr, s_lseh_b, s_lseh_h, qg_ptr, s_gb, s_gl, s_gh, s_gd, dog_ptr, s_dogb, s_dogl, s_dogh, s_dogd, lseg_ptr, deltag_ptr, s_lseg_b, s_lseg_h,
-               dq_ptr, s_dqb, s_dql, s_dqh, s_dqd, dqg_ptr, s_dqgb, s_dqgl, s_dqgh, s_dqgd,
-               deh_ptr, s_deh_b, s_deh_h, deg_ptr, s_deg_b, s_deg_h, bias_part_ptr, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
-        rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
-        sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
-        qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b,
-        mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r,
-        seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr,
-        HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr,
-        HAS_T5: tl.constexpr, HAS_DROPOUT: tl.constexpr, EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND: tl.constexpr,
-               BQ: tl.constexpr):
+def _dq_kernel(
+    chunks_ptr, n_content, n_mb, q_ptr, s_qb, s_ql, s_qh, s_qd, doh_ptr, s_dohb, s_dohl, s_dohh, s_dohd, lseh_ptr,
+    deltah_ptr, s_lseh_b, s_lseh_h, qg_ptr, s_gb, s_gl, s_gh, s_gd, dog_ptr, s_dogb, s_dogl, s_dogh, s_dogd, lseg_ptr,
+    deltag_ptr, s_lseg_b, s_lseg_h, dq_ptr, s_dqb, s_dql, s_dqh, s_dqd, dqg_ptr, s_dqgb, s_dqgl, s_dqgh, s_dqgd,
+    deh_ptr, s_deh_b, s_deh_h, deg_ptr, s_deg_b, s_deg_h, bias_part_ptr, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb,
+    s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
+    sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr,
+    s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr,
+    s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D,
+    HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+    SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    BAND: tl.constexpr, BQ: tl.constexpr,
+):
     pid = tl.program_id(0)
     h = tl.program_id(1)
     if pid < n_content:
-        _dq_rows(pid, pid // n_mb, h, pid % n_mb, 0, 0, q_ptr, s_qb, s_ql, s_qh, s_qd, doh_ptr, s_dohb, s_dohl, s_dohh, s_dohd, lseh_ptr, deltah_ptr, s_lseh_b, s_lseh_h, dq_ptr, s_dqb, s_dql, s_dqh, s_dqd,
-                 deh_ptr, s_deh_b, s_deh_h, bias_part_ptr, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
-        rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
-        sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
-        qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b,
-        mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r,
-        seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, True, BM, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC,
-        BM, BN, BD, BAND)
+        _dq_rows(
+            pid, pid // n_mb, h, pid % n_mb, 0, 0, q_ptr, s_qb, s_ql, s_qh, s_qd, doh_ptr, s_dohb, s_dohl, s_dohh,
+            s_dohd, lseh_ptr, deltah_ptr, s_lseh_b, s_lseh_h, dq_ptr, s_dqb, s_dql, s_dqh, s_dqd, deh_ptr, s_deh_b,
+            s_deh_h, bias_part_ptr, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr,
+            s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr,
+            s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr,
+            s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q,
+            s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, True, BM, HAS_RANK,
+            HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC, BM, BN, BD,
+            BAND,
+        )
     else:
         c = chunks_ptr + (pid - n_content) * 4
-        _dq_rows(pid, tl.load(c), h, tl.load(c + 1), tl.load(c + 2), tl.load(c + 3), qg_ptr, s_gb, s_gl, s_gh, s_gd, dog_ptr, s_dogb, s_dogl, s_dogh, s_dogd, lseg_ptr, deltag_ptr, s_lseg_b, s_lseg_h,
-                 dqg_ptr, s_dqgb, s_dqgl, s_dqgh, s_dqgd, deg_ptr, s_deg_b, s_deg_h, bias_part_ptr, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
-        rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
-        sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
-        qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b,
-        mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r,
-        seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D,
-                 False, BQ, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC,
-        BM, BN, BD, BAND)
+        _dq_rows(
+            pid, tl.load(c), h, tl.load(c + 1), tl.load(c + 2), tl.load(c + 3), qg_ptr, s_gb, s_gl, s_gh, s_gd,
+            dog_ptr, s_dogb, s_dogl, s_dogh, s_dogd, lseg_ptr, deltag_ptr, s_lseg_b, s_lseg_h, dqg_ptr, s_dqgb,
+            s_dqgl, s_dqgh, s_dqgd, deg_ptr, s_deg_b, s_deg_h, bias_part_ptr, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr,
+            s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s,
+            s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b,
+            kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k,
+            segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M,
+            R, P, D, False, BQ, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT,
+            EMPTY_UNIFORM, DOT_PREC, BM, BN, BD, BAND,
+        )
 
 
 @triton.jit
-def _kv_rows(dk, dv, k, v, n0, b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, do_ptr, s_dob, s_dol, s_doh, s_dod, lse_ptr, delta_ptr, s_lse_b, s_lse_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
-        rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
-        sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
-        qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b,
-        mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r,
-        seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D,
-             IS_CONTENT: tl.constexpr, ROWS: tl.constexpr, HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr,
-        HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr,
-        HAS_T5: tl.constexpr, HAS_DROPOUT: tl.constexpr, EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND: tl.constexpr):
+def _kv_rows(
+    dk, dv, k, v, n0, b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, do_ptr, s_dob, s_dol, s_doh,
+    s_dod, lse_ptr, delta_ptr, s_lse_b, s_lse_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr,
+    s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b,
+    tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr,
+    s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k,
+    t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT: tl.constexpr,
+    ROWS: tl.constexpr, HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+    SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    BAND: tl.constexpr,
+):
     rows, pos, row_ok, drop_off, xq, rw, rr, e0, e1, qrank_row, segq_row, do, lse, delta = _bwd_rows_setup(
-        b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, do_ptr, s_dob, s_dol, s_doh, s_dod, lse_ptr, delta_ptr, s_lse_b, s_lse_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
-        rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
-        sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
-        qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b,
-        mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r,
-        seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT, ROWS, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC,
-        BM, BN, BD, BAND)
+        b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, do_ptr, s_dob, s_dol, s_doh, s_dod, lse_ptr,
+        delta_ptr, s_lse_b, s_lse_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr,
+        s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr,
+        s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b,
+        segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr,
+        s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT, ROWS, HAS_RANK, HAS_DENSE,
+        HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC, BM, BN, BD, BAND,
+    )
     m0 = m_blk * BM
     rband = _load_band(r_ptr + b * s_rb + h * s_rh, s_rr, s_rd, Lq - (m0 + BM - 1) + n0, R, D, BAND, BD)
-    pd, ds, differ = _bwd_tile(xq, rw, rr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do, lse, delta,
-                               drop_off, n0, m0, b, h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
-        rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
-        sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
-        qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b,
-        mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r,
-        seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC,
-        BM, BN, BD, BAND)
+    pd, ds, differ = _bwd_tile(
+        xq, rw, rr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do, lse, delta, drop_off, n0, m0, b, h,
+        k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr,
+        rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr,
+        s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr,
+        s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p,
+        scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5,
+        HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC, BM, BN, BD, BAND,
+    )
     dv += _dot(tl.trans(pd.to(do.dtype)), do, DOT_PREC)
     dsc = ds * scale
     dk += _dot(tl.trans(dsc.to(xq.dtype)), xq, DOT_PREC) + tl.sum(dsc, axis=0)[:, None] * rw[None, :]
@@ -490,17 +550,19 @@ def _kv_rows(dk, dv, k, v, n0, b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl,
 
 
 @triton.jit
-def _dkdv_kernel(chunks_ptr, chunk_ptr_ptr, n_mb, q_ptr, s_qb, s_ql, s_qh, s_qd, doh_ptr, s_dohb, s_dohl, s_dohh, s_dohd, lseh_ptr, deltah_ptr, s_lseh_b, s_lseh_h, qg_ptr, s_gb, s_gl, s_gh, s_gd, dog_ptr, s_dogb, s_dogl, s_dogh, s_dogd, lseg_ptr, deltag_ptr, s_lseg_b, s_lseg_h,
-                 dk_ptr, s_dkb, s_dkl, s_dkh, s_dkd, dv_ptr, s_dvb, s_dvl, s_dvh, s_dvd, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
-        rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
-        sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
-        qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b,
-        mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r,
-        seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr,
-        HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr,
-        HAS_T5: tl.constexpr, HAS_DROPOUT: tl.constexpr, EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND: tl.constexpr,
-                 BQ: tl.constexpr):
+def _dkdv_kernel(
+    chunks_ptr, chunk_ptr_ptr, n_mb, q_ptr, s_qb, s_ql, s_qh, s_qd, doh_ptr, s_dohb, s_dohl, s_dohh, s_dohd, lseh_ptr,
+    deltah_ptr, s_lseh_b, s_lseh_h, qg_ptr, s_gb, s_gl, s_gh, s_gd, dog_ptr, s_dogb, s_dogl, s_dogh, s_dogd, lseg_ptr,
+    deltag_ptr, s_lseg_b, s_lseg_h, dk_ptr, s_dkb, s_dkl, s_dkh, s_dkd, dv_ptr, s_dvb, s_dvl, s_dvh, s_dvd, k_ptr,
+    s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr,
+    s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b,
+    krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b,
+    s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H,
+    Lq, Lk, M, R, P, D, HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+    SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    BAND: tl.constexpr, BQ: tl.constexpr,
+):
     n0 = tl.program_id(0) * BN
     b = tl.program_id(1) // H
     h = tl.program_id(1) % H
@@ -508,61 +570,77 @@ def _dkdv_kernel(chunks_ptr, chunk_ptr_ptr, n_mb, q_ptr, s_qb, s_ql, s_qh, s_qd,
     dk = tl.zeros([BN, BD], dtype=tl.float32)
     dv = tl.zeros([BN, BD], dtype=tl.float32)
     for m_blk in range(0, n_mb):
-        dk, dv = _kv_rows(dk, dv, k, v, n0, b, h, m_blk, 0, 0, q_ptr, s_qb, s_ql, s_qh, s_qd, doh_ptr, s_dohb, s_dohl, s_dohh, s_dohd, lseh_ptr, deltah_ptr, s_lseh_b, s_lseh_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
-        rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
-        sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
-        qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b,
-        mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r,
-        seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, True, BM, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC,
-        BM, BN, BD, BAND)
+        dk, dv = _kv_rows(
+            dk, dv, k, v, n0, b, h, m_blk, 0, 0, q_ptr, s_qb, s_ql, s_qh, s_qd, doh_ptr, s_dohb, s_dohl, s_dohh,
+            s_dohd, lseh_ptr, deltah_ptr, s_lseh_b, s_lseh_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh,
+            s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr,
+            s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b,
+            s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr,
+            s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D,
+            True, BM, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM,
+            DOT_PREC, BM, BN, BD, BAND,
+        )
     for c in range(tl.load(chunk_ptr_ptr + b), tl.load(chunk_ptr_ptr + b + 1)):
-        dk, dv = _kv_rows(dk, dv, k, v, n0, b, h, tl.load(chunks_ptr + c * 4 + 1), tl.load(chunks_ptr + c * 4 + 2),
-                          tl.load(chunks_ptr + c * 4 + 3), qg_ptr, s_gb, s_gl, s_gh, s_gd, dog_ptr, s_dogb, s_dogl, s_dogh, s_dogd, lseg_ptr, deltag_ptr, s_lseg_b, s_lseg_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
-        rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
-        sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
-        qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b,
-        mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r,
-        seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, False, BQ, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC,
-        BM, BN, BD, BAND)
+        dk, dv = _kv_rows(
+            dk, dv, k, v, n0, b, h, tl.load(chunks_ptr + c * 4 + 1), tl.load(chunks_ptr + c * 4 + 2),
+            tl.load(chunks_ptr + c * 4 + 3), qg_ptr, s_gb, s_gl, s_gh, s_gd, dog_ptr, s_dogb, s_dogl, s_dogh, s_dogd,
+            lseg_ptr, deltag_ptr, s_lseg_b, s_lseg_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd,
+            r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr,
+            s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b,
+            s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr,
+            s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D,
+            False, BQ, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM,
+            DOT_PREC, BM, BN, BD, BAND,
+        )
     offs_n = n0 + tl.arange(0, BN)
     d = tl.arange(0, BD)
     ok = (offs_n < Lk)[:, None] & (d < D)[None, :]
-    tl.store(dk_ptr + b * s_dkb + offs_n[:, None] * s_dkl + h * s_dkh + d[None, :] * s_dkd,
-             dk.to(dk_ptr.dtype.element_ty), mask=ok)
-    tl.store(dv_ptr + b * s_dvb + offs_n[:, None] * s_dvl + h * s_dvh + d[None, :] * s_dvd,
-             dv.to(dv_ptr.dtype.element_ty), mask=ok)
+    tl.store(
+        dk_ptr + b * s_dkb + offs_n[:, None] * s_dkl + h * s_dkh + d[None, :] * s_dkd,
+        dk.to(dk_ptr.dtype.element_ty),
+        mask=ok,
+    )
+    tl.store(
+        dv_ptr + b * s_dvb + offs_n[:, None] * s_dvl + h * s_dvh + d[None, :] * s_dvd,
+        dv.to(dv_ptr.dtype.element_ty),
+        mask=ok,
+    )
 
 
 @triton.jit
-def _dr_rows(dr, dt, rband, diag, b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, do_ptr, s_dob, s_dol, s_doh, s_dod, lse_ptr, delta_ptr, s_lse_b, s_lse_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
-        rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
-        sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
-        qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b,
-        mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r,
-        seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D,
-             IS_CONTENT: tl.constexpr, ROWS: tl.constexpr, HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr,
-        HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr,
-        HAS_T5: tl.constexpr, HAS_DROPOUT: tl.constexpr, EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND: tl.constexpr):
+def _dr_rows(
+    dr, dt, rband, diag, b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, do_ptr, s_dob, s_dol, s_doh,
+    s_dod, lse_ptr, delta_ptr, s_lse_b, s_lse_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr,
+    s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b,
+    tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr,
+    s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k,
+    t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT: tl.constexpr,
+    ROWS: tl.constexpr, HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+    SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    BAND: tl.constexpr,
+):
     rows, pos, row_ok, drop_off, xq, rw, rr, e0, e1, qrank_row, segq_row, do, lse, delta = _bwd_rows_setup(
-        b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, do_ptr, s_dob, s_dol, s_doh, s_dod, lse_ptr, delta_ptr, s_lse_b, s_lse_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
-        rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
-        sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
-        qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b,
-        mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r,
-        seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT, ROWS, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC,
-        BM, BN, BD, BAND)
+        b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, do_ptr, s_dob, s_dol, s_doh, s_dod, lse_ptr,
+        delta_ptr, s_lse_b, s_lse_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr,
+        s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr,
+        s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b,
+        segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr,
+        s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT, ROWS, HAS_RANK, HAS_DENSE,
+        HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC, BM, BN, BD, BAND,
+    )
     m0 = m_blk * BM
     n0 = m0 + diag * BN
     k, v = _load_kv(b, h, n0, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, Lk, D, BN, BD)
-    pd, ds, differ = _bwd_tile(xq, rw, rr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do, lse, delta,
-                               drop_off, n0, m0, b, h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
-        rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
-        sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
-        qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b,
-        mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r,
-        seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC,
-        BM, BN, BD, BAND)
+    pd, ds, differ = _bwd_tile(
+        xq, rw, rr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do, lse, delta, drop_off, n0, m0, b, h,
+        k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr,
+        rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr,
+        s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr,
+        s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p,
+        scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5,
+        HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC, BM, BN, BD, BAND,
+    )
     dband = _unskew(ds, pos, m0, BM, BN, BAND)
     dt += tl.sum(dband, axis=0)
     dband = dband * scale
@@ -571,16 +649,19 @@ def _dr_rows(dr, dt, rband, diag, b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_
 
 
 @triton.jit
-def _dr_kernel(chunks_ptr, chunk_ptr_ptr, n_mb, n_nb, q_ptr, s_qb, s_ql, s_qh, s_qd, doh_ptr, s_dohb, s_dohl, s_dohh, s_dohd, lseh_ptr, deltah_ptr, s_lseh_b, s_lseh_h, qg_ptr, s_gb, s_gl, s_gh, s_gd, dog_ptr, s_dogb, s_dogl, s_dogh, s_dogd, lseg_ptr, deltag_ptr, s_lseg_b, s_lseg_h, dr_part_ptr, dt_part_ptr, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
-        rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
-        sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
-        qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b,
-        mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r,
-        seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr,
-        HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr,
-        HAS_T5: tl.constexpr, HAS_DROPOUT: tl.constexpr, EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND: tl.constexpr,
-               BQ: tl.constexpr):
+def _dr_kernel(
+    chunks_ptr, chunk_ptr_ptr, n_mb, n_nb, q_ptr, s_qb, s_ql, s_qh, s_qd, doh_ptr, s_dohb, s_dohl, s_dohh, s_dohd,
+    lseh_ptr, deltah_ptr, s_lseh_b, s_lseh_h, qg_ptr, s_gb, s_gl, s_gh, s_gd, dog_ptr, s_dogb, s_dogl, s_dogh, s_dogd,
+    lseg_ptr, deltag_ptr, s_lseg_b, s_lseg_h, dr_part_ptr, dt_part_ptr, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb,
+    s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
+    sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr,
+    s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr,
+    s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D,
+    HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+    SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    BAND: tl.constexpr, BQ: tl.constexpr,
+):
     """One program per block diagonal (n_blk - m_blk): its tiles share one r band (BN == BM here)."""
     i_diag = tl.program_id(0)
     diag = i_diag - (n_mb - 1)
@@ -590,24 +671,30 @@ def _dr_kernel(chunks_ptr, chunk_ptr_ptr, n_mb, n_nb, q_ptr, s_qb, s_ql, s_qh, s
     dr = tl.zeros([BAND, BD], dtype=tl.float32)
     dt = tl.zeros([BAND], dtype=tl.float32)
     for m_blk in range(tl.maximum(0, -diag), tl.minimum(n_mb, n_nb - diag)):
-        dr, dt = _dr_rows(dr, dt, rband, diag, b, h, m_blk, 0, 0, q_ptr, s_qb, s_ql, s_qh, s_qd, doh_ptr, s_dohb, s_dohl, s_dohh, s_dohd, lseh_ptr, deltah_ptr, s_lseh_b, s_lseh_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
-        rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
-        sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
-        qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b,
-        mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r,
-        seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, True, BM, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC,
-        BM, BN, BD, BAND)
+        dr, dt = _dr_rows(
+            dr, dt, rband, diag, b, h, m_blk, 0, 0, q_ptr, s_qb, s_ql, s_qh, s_qd, doh_ptr, s_dohb, s_dohl, s_dohh,
+            s_dohd, lseh_ptr, deltah_ptr, s_lseh_b, s_lseh_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh,
+            s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr,
+            s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b,
+            s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr,
+            s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D,
+            True, BM, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM,
+            DOT_PREC, BM, BN, BD, BAND,
+        )
     for c in range(tl.load(chunk_ptr_ptr + b), tl.load(chunk_ptr_ptr + b + 1)):
         m_blk = tl.load(chunks_ptr + c * 4 + 1)
         if (m_blk + diag >= 0) & (m_blk + diag < n_nb):
-            dr, dt = _dr_rows(dr, dt, rband, diag, b, h, m_blk, tl.load(chunks_ptr + c * 4 + 2),
-                              tl.load(chunks_ptr + c * 4 + 3), qg_ptr, s_gb, s_gl, s_gh, s_gd, dog_ptr, s_dogb, s_dogl, s_dogh, s_dogd, lseg_ptr, deltag_ptr, s_lseg_b, s_lseg_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
-        rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
-        sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
-        qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b,
-        mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r,
-        seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, False, BQ, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC,
-        BM, BN, BD, BAND)
+            dr, dt = _dr_rows(
+                dr, dt, rband, diag, b, h, m_blk, tl.load(chunks_ptr + c * 4 + 2), tl.load(chunks_ptr + c * 4 + 3),
+                qg_ptr, s_gb, s_gl, s_gh, s_gd, dog_ptr, s_dogb, s_dogl, s_dogh, s_dogd, lseg_ptr, deltag_ptr,
+                s_lseg_b, s_lseg_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr,
+                s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b,
+                tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l,
+                segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b,
+                s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, False,
+                BQ, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM,
+                DOT_PREC, BM, BN, BD, BAND,
+            )
     base = (b * H + h) * (n_mb + n_nb - 1) + i_diag
     w = tl.arange(0, BAND)
     d = tl.arange(0, BD)
@@ -616,40 +703,51 @@ def _dr_kernel(chunks_ptr, chunk_ptr_ptr, n_mb, n_nb, q_ptr, s_qb, s_ql, s_qh, s
 
 
 @triton.jit
-def _fwd_kernel(chunks_ptr, n_content, n_mb,
-                q_ptr, s_qb, s_ql, s_qh, s_qd, qg_ptr, s_gb, s_gl, s_gh, s_gd,
-                oh_ptr, s_ohb, s_ohl, s_ohh, s_ohd, og_ptr, s_ogb, s_ogl, s_ogh, s_ogd,
-                lseh_ptr, s_lseh_b, s_lseh_h, lseg_ptr, s_lseg_b, s_lseg_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
-        rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
-        sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
-        qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b,
-        mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r,
-        seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr,
-        HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr,
-        HAS_T5: tl.constexpr, HAS_DROPOUT: tl.constexpr, EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND: tl.constexpr, BQ: tl.constexpr):
+def _fwd_kernel(
+    chunks_ptr, n_content, n_mb, q_ptr, s_qb, s_ql, s_qh, s_qd, qg_ptr, s_gb, s_gl, s_gh, s_gd, oh_ptr, s_ohb, s_ohl,
+    s_ohh, s_ohd, og_ptr, s_ogb, s_ogl, s_ogh, s_ogd, lseh_ptr, s_lseh_b, s_lseh_h, lseg_ptr, s_lseg_b, s_lseg_h,
+    k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr,
+    rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr,
+    s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr,
+    s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p,
+    scale, B, H, Lq, Lk, M, R, P, D, HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr, SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, BD: tl.constexpr, BAND: tl.constexpr, BQ: tl.constexpr,
+):
     pid = tl.program_id(0)
     h = tl.program_id(1)
     if pid < n_content:
-        _fwd_rows(pid, pid // n_mb, h, pid % n_mb, 0, 0, q_ptr, s_qb, s_ql, s_qh, s_qd, oh_ptr, s_ohb, s_ohl, s_ohh,
-                  s_ohd, lseh_ptr, s_lseh_b, s_lseh_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
-        rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
-        sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
-        qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b,
-        mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r,
-        seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, True, BM, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC,
-        BM, BN, BD, BAND)
+        _fwd_rows(
+            pid, pid // n_mb, h, pid % n_mb, 0, 0, q_ptr, s_qb, s_ql, s_qh, s_qd, oh_ptr, s_ohb, s_ohl, s_ohh, s_ohd,
+            lseh_ptr, s_lseh_b, s_lseh_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb,
+            s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b,
+            tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l,
+            segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b,
+            s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, True, BM,
+            HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC,
+            BM, BN, BD, BAND,
+        )
     else:
         c = chunks_ptr + (pid - n_content) * 4
-        _fwd_rows(pid, tl.load(c), h, tl.load(c + 1), tl.load(c + 2), tl.load(c + 3), qg_ptr, s_gb, s_gl, s_gh,
-                  s_gd, og_ptr, s_ogb, s_ogl, s_ogh, s_ogd, lseg_ptr, s_lseg_b, s_lseg_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
-        rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
-        sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
-        qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b,
-        mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r,
-        seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, False, BQ,
-                  HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC,
-        BM, BN, BD, BAND)
+        _fwd_rows(
+            pid, tl.load(c), h, tl.load(c + 1), tl.load(c + 2), tl.load(c + 3), qg_ptr, s_gb, s_gl, s_gh, s_gd,
+            og_ptr, s_ogb, s_ogl, s_ogh, s_ogd, lseg_ptr, s_lseg_b, s_lseg_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr,
+            s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s,
+            s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b,
+            kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k,
+            segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M,
+            R, P, D, False, BQ, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT,
+            EMPTY_UNIFORM, DOT_PREC, BM, BN, BD, BAND,
+        )
+
+
+# Autotuned entry points (key: the shapes that change the best tile); outputs are fully rewritten
+# on every run, so benchmarking a config has no side effects.
+_TUNE_KEY = ["Lk", "D", "P"]
+_fwd_kernel = triton.autotune(configs=_key_configs(), key=_TUNE_KEY)(_fwd_kernel)
+_dq_kernel = triton.autotune(configs=_key_configs(), key=_TUNE_KEY)(_dq_kernel)
+_dkdv_kernel = triton.autotune(configs=_key_configs(), key=_TUNE_KEY)(_dkdv_kernel)
 
 
 # ----------------------------------------------------------------------------------------
@@ -693,15 +791,20 @@ def _query_chunks(target_pos, P, BM, BQ, device):
             start = end
         chunk_ptr.append(len(chunks))
     chunk_t = torch.tensor(chunks if chunks else [(0, 0, 0, 0)], dtype=torch.int32).to(device)
-    return order.to(torch.int32).contiguous(), chunk_t, torch.tensor(chunk_ptr, dtype=torch.int32).to(device), len(chunks)
+    return (
+        order.to(torch.int32).contiguous(),
+        chunk_t, torch.tensor(chunk_ptr, dtype=torch.int32).to(device), len(chunks),
+    )
 
 
 def _t5_table(t5_bias, cfg, Lq, Lk, device):
     """Per-distance T5 bias ``[H, Lq + Lk - 1]`` (index j - i + Lq - 1) and the bucket of each distance."""
     M = Lk - Lq
     rel = torch.arange(Lq + Lk - 1, device=device) - (M + Lq - 1)
-    bucket = t5_relative_bucket(rel, bidirectional=cfg["t5_bidirectional"], num_buckets=cfg["t5_num_buckets"],
-                                max_distance=cfg["t5_max_distance"])
+    bucket = t5_relative_bucket(
+        rel, bidirectional=cfg["t5_bidirectional"], num_buckets=cfg["t5_num_buckets"],
+        max_distance=cfg["t5_max_distance"],
+    )
     return t5_bias.float()[bucket].t().contiguous(), bucket
 
 
@@ -713,10 +816,9 @@ class _Launch:
         Lk = k.shape[1]
         P = q_g.shape[1] if q_g is not None else 0
         R = r.shape[-3]
-        blk = _blocks(D)
+        blk = _row_blocks()
         self.B, self.Lq, self.Lk, self.H, self.D, self.P = B, Lq, Lk, H, D, P
-        self.BM, self.BN, self.BQ = blk["BM"], blk["BN"], blk["BQ"]
-        self.num_warps, self.num_stages = blk["num_warps"], blk["num_stages"]
+        self.BM, self.BQ = blk["BM"], blk["BQ"]
         self.BD = max(16, triton.next_power_of_2(D))
         self.n_mb = triton.cdiv(Lq, self.BM)
         dummy = q
@@ -724,7 +826,8 @@ class _Launch:
         self.r4 = r4
         if q_g is not None:
             self.sorted_rows, self.chunks, self.chunk_ptr, self.n_chunks = _query_chunks(
-                target_pos, P, self.BM, self.BQ, q.device)
+                target_pos, P, self.BM, self.BQ, q.device
+            )
         else:
             self.sorted_rows = torch.zeros(B, 1, dtype=torch.int32, device=q.device)
             self.chunks = torch.zeros(1, 4, dtype=torch.int32, device=q.device)
@@ -736,28 +839,36 @@ class _Launch:
         or_dummy = lambda t: dummy if t is None else t  # noqa: E731
         has_seg = r_s_bias is not None
         self.common = (
-            k, *k.stride(), v, *v.stride(), r4, *r4.stride(),
-            r_w_bias, r_r_bias, or_dummy(r_s_bias), r_w_bias.stride(0), or_dummy(seg_embed),
-            *(seg_embed.stride()[:2] if has_seg else (0, 0)),
+            k, *k.stride(), v, *v.stride(), r4, *r4.stride(), r_w_bias, r_r_bias, or_dummy(r_s_bias),
+            r_w_bias.stride(0), or_dummy(seg_embed), *(seg_embed.stride()[:2] if has_seg else (0, 0)),
             self.sorted_rows, self.sorted_rows.stride(0), or_dummy(target_pos),
-            *(target_pos.stride() if target_pos is not None else (0, 0)),
-            or_dummy(aux["q_rank"]), _strides(aux["q_rank"], 2)[0], or_dummy(aux["k_rank"]),
-            _strides(aux["k_rank"], 2)[0], or_dummy(kpm), *_strides(kpm, 2),
-            or_dummy(aux["seg_q"]), _strides(aux["seg_q"], 2)[0], or_dummy(aux["seg_k"]), _strides(aux["seg_k"], 2)[0],
-            or_dummy(mask), *_strides(mask, 3), or_dummy(segd), *_strides(segd, 3),
-            or_dummy(t5), *_strides(t5, 2),
-            cfg["seed"] if cfg["dropout_p"] > 0 else 0, cfg["dropout_p"], cfg["scale"], B, H, Lq, Lk, Lk - Lq, R, P, D)
+            *(target_pos.stride() if target_pos is not None else (0, 0)), or_dummy(aux["q_rank"]),
+            _strides(aux["q_rank"], 2)[0], or_dummy(aux["k_rank"]), _strides(aux["k_rank"], 2)[0], or_dummy(kpm),
+            *_strides(kpm, 2), or_dummy(aux["seg_q"]), _strides(aux["seg_q"], 2)[0], or_dummy(aux["seg_k"]),
+            _strides(aux["seg_k"], 2)[0], or_dummy(mask), *_strides(mask, 3), or_dummy(segd), *_strides(segd, 3),
+            or_dummy(t5), *_strides(t5, 2), cfg["seed"] if cfg["dropout_p"] > 0 else 0, cfg["dropout_p"],
+            cfg["scale"], B, H, Lq, Lk, Lk - Lq, R, P, D,
+        )
         self.flags = dict(
-            HAS_RANK=aux["q_rank"] is not None, HAS_DENSE=mask is not None, HAS_KPM=kpm is not None,
-            CAUSAL=cfg["causal"], SEG_IDS=aux["seg_q"] is not None, SEG_DENSE=segd is not None,
-            HAS_T5=t5 is not None, HAS_DROPOUT=cfg["dropout_p"] > 0, EMPTY_UNIFORM=cfg["empty_rows"] == "uniform",
-            DOT_PREC=_dot_precision(q.dtype))
+            HAS_RANK=aux["q_rank"] is not None,
+            HAS_DENSE=mask is not None,
+            HAS_KPM=kpm is not None,
+            CAUSAL=cfg["causal"],
+            SEG_IDS=aux["seg_q"] is not None,
+            SEG_DENSE=segd is not None,
+            HAS_T5=t5 is not None,
+            HAS_DROPOUT=cfg["dropout_p"] > 0,
+            EMPTY_UNIFORM=cfg["empty_rows"] == "uniform",
+            DOT_PREC=_dot_precision(q.dtype),
+        )
 
-    def consts(self, BN=None):
-        BN = BN or self.BN
-        band = triton.next_power_of_2(self.BM + BN - 1)
-        return dict(self.flags, BM=self.BM, BN=BN, BD=self.BD, BAND=band, BQ=self.BQ,
-                    num_warps=self.num_warps, num_stages=self.num_stages)
+    def consts(self):
+        """Compile-time switches for the autotuned kernels (they pick BN, num_warps, num_stages)."""
+        return dict(self.flags, BM=self.BM, BD=self.BD, BAND=2 * self.BM, BQ=self.BQ)
+
+    def consts_dr(self):
+        """The dr kernel walks block diagonals, so its key tile equals the row block (BN = BM)."""
+        return dict(self.consts(), BN=self.BM, num_warps=4 if not _interpret() else 1, num_stages=1)
 
 
 def _lse_buffers(B, H, L, device):
@@ -787,20 +898,24 @@ class TwoStreamAttentionFn(torch.autograd.Function):
             qg_args, og_args = (q, *q.stride()), (out_h, *out_h.stride())
         n_content = B * launch.n_mb
         _fwd_kernel[(n_content + launch.n_chunks, H)](
-            launch.chunks, n_content, launch.n_mb, q, *q.stride(), *qg_args, out_h, *out_h.stride(), *og_args,
-            lse_h, *lse_h.stride()[:2], lse_g, *lse_g.stride()[:2], *launch.common, **launch.consts())
+            launch.chunks, n_content, launch.n_mb, q, *q.stride(), *qg_args, out_h, *out_h.stride(), *og_args, lse_h,
+            *lse_h.stride()[:2], lse_g, *lse_g.stride()[:2], *launch.common, **launch.consts(),
+        )
         if q_g is not None:
             # padding rows (target_pos = -1) belong to no chunk
             out_g.masked_fill_((target_pos < 0)[:, :, None, None], 0.0)
-        ctx.save_for_backward(q, k, v, r, r_w_bias, r_r_bias, q_g, r_s_bias, seg_embed, t5_bias, out_h, out_g,
-                              lse_h, lse_g if q_g is not None else None)
+        ctx.save_for_backward(
+            q, k, v, r, r_w_bias, r_r_bias, q_g, r_s_bias, seg_embed, t5_bias, out_h, out_g, lse_h,
+            lse_g if q_g is not None else None,
+        )
         ctx.aux, ctx.cfg, ctx.launch = aux, cfg, launch
         return out_h, out_g
 
     @staticmethod
     def backward(ctx, do_h, do_g):
-        (q, k, v, r, r_w_bias, r_r_bias, q_g, r_s_bias, seg_embed, t5_bias, out_h, out_g, lse_h,
-         lse_g) = ctx.saved_tensors
+        q, k, v, r, r_w_bias, r_r_bias, q_g, r_s_bias, seg_embed, t5_bias, out_h, out_g, lse_h, lse_g = (
+            ctx.saved_tensors
+        )
         aux, cfg, launch = ctx.aux, ctx.cfg, ctx.launch
         B, Lq, H, D = q.shape
         Lk = k.shape[1]
@@ -827,25 +942,28 @@ class TwoStreamAttentionFn(torch.autograd.Function):
         de_g = torch.zeros(B, H, max(launch.P, 1), 2, dtype=torch.float32, device=dev)
         bias_part = torch.empty(n_prog, H, 2, launch.BD, dtype=torch.float32, device=dev)
         _dq_kernel[(n_prog, H)](
-            launch.chunks, n_content, launch.n_mb, *h_rows, *g_rows, dq, *dq.stride(), dq_g, *dq_g.stride(),
-            de_h, *de_h.stride()[:2], de_g, *de_g.stride()[:2], bias_part, *launch.common, **consts)
+            launch.chunks, n_content, launch.n_mb, *h_rows, *g_rows, dq, *dq.stride(), dq_g, *dq_g.stride(), de_h,
+            *de_h.stride()[:2], de_g, *de_g.stride()[:2], bias_part, *launch.common, **consts,
+        )
 
         dk = new_output(k.shape, k.dtype, dev)
         dv = new_output(v.shape, v.dtype, dev)
-        _dkdv_kernel[(triton.cdiv(Lk, launch.BN), B * H)](
+        _dkdv_kernel[lambda meta: (triton.cdiv(Lk, meta["BN"]), B * H)](
             launch.chunks, launch.chunk_ptr, launch.n_mb, *h_rows, *g_rows, dk, *dk.stride(), dv, *dv.stride(),
-            *launch.common, **consts)
+            *launch.common, **consts,
+        )
 
         # dr (and the per-distance T5 gradient): one program per block diagonal, BN = BM
         n_nb = triton.cdiv(Lk, launch.BM)
         n_diag = launch.n_mb + n_nb - 1
-        consts_r = launch.consts(BN=launch.BM)
+        consts_r = launch.consts_dr()
         band = consts_r["BAND"]
         dr_part = torch.empty(B, H, n_diag, band, launch.BD, dtype=torch.float32, device=dev)
         dt_part = torch.empty(B, H, n_diag, band, dtype=torch.float32, device=dev)
         _dr_kernel[(n_diag, B * H)](
-            launch.chunks, launch.chunk_ptr, launch.n_mb, n_nb, *h_rows, *g_rows, dr_part, dt_part,
-            *launch.common, **consts_r)
+            launch.chunks, launch.chunk_ptr, launch.n_mb, n_nb, *h_rows, *g_rows, dr_part, dt_part, *launch.common,
+            **consts_r,
+        )
         dr_rows, first_row = _combine_bands(dr_part, launch.BM, launch.n_mb, Lq)
         R = r.shape[-3]
         dr_full = _rows_window(dr_rows, first_row, 0, R)[..., :D]  # [B, H, R, D]
@@ -865,7 +983,7 @@ class TwoStreamAttentionFn(torch.autograd.Function):
             tot = de_h.sum((0, 2))
             if q_g is not None:
                 valid = (aux["target_pos"] >= 0)[:, None, :, None]
-                de_g_valid = de_g[:, :, :launch.P] * valid
+                de_g_valid = de_g[:, :, : launch.P] * valid
                 d_se = d_se + torch.einsum("bhis,bihd->shd", de_g_valid, q_g.float() + r_s_bias.float())
                 tot = tot + de_g_valid.sum((0, 2))
             d_rs = (tot[:, 0, None] * se[0] + tot[:, 1, None] * se[1]).to(r_s_bias.dtype)
@@ -890,7 +1008,7 @@ def _combine_bands(part, BM, n_mb, Lq):
     B, H, n_diag, _, X = part.shape
     halves = torch.zeros(B, H, n_diag + 1, BM, X, dtype=part.dtype, device=part.device)
     halves[:, :, :n_diag] += part[:, :, :, :BM]
-    halves[:, :, 1:] += part[:, :, :, BM:2 * BM]
+    halves[:, :, 1:] += part[:, :, :, BM : 2 * BM]
     return halves.reshape(B, H, (n_diag + 1) * BM, X), Lq - BM + 1 - (n_mb - 1) * BM
 
 
@@ -901,17 +1019,23 @@ def _rows_window(rows, first, lo, hi):
     pad_hi = max(0, hi - (first + n))
     padded = torch.nn.functional.pad(rows, (0, 0, pad_lo, pad_hi))
     start = lo - first + pad_lo
-    return padded[:, :, start:start + hi - lo]
+    return padded[:, :, start : start + hi - lo]
 
 
-def two_stream_attention(q, k, v, r, r_w_bias, r_r_bias, *, q_g=None, target_pos=None, q_rank=None, k_rank=None,
-                         attn_mask=None, key_padding_mask=None, causal=False, seg_q=None, seg_k=None, seg_diff=None,
-                         r_s_bias=None, seg_embed=None, t5_bias=None, t5_num_buckets=32, t5_max_distance=128,
-                         t5_bidirectional=True, scale=None, dropout_p=0.0, seed=None, empty_rows="zero"):
+def two_stream_attention(
+    q, k, v, r, r_w_bias, r_r_bias, *, q_g=None, target_pos=None, q_rank=None, k_rank=None, attn_mask=None,
+    key_padding_mask=None, causal=False, seg_q=None, seg_k=None, seg_diff=None, r_s_bias=None, seg_embed=None,
+    t5_bias=None, t5_num_buckets=32, t5_max_distance=128, t5_bidirectional=True, scale=None, dropout_p=0.0, seed=None,
+    empty_rows="zero",
+):
     """Triton backend of :func:`pyobjectives.two_stream_attention` (arguments validated there)."""
-    aux = dict(target_pos=target_pos, q_rank=q_rank, k_rank=k_rank, attn_mask=attn_mask,
-               key_padding_mask=key_padding_mask, seg_q=seg_q, seg_k=seg_k, seg_diff=seg_diff)
-    cfg = dict(causal=causal, t5_num_buckets=t5_num_buckets, t5_max_distance=t5_max_distance,
-               t5_bidirectional=t5_bidirectional, scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else scale,
-               dropout_p=dropout_p, seed=seed, empty_rows=empty_rows)
+    aux = dict(
+        target_pos=target_pos, q_rank=q_rank, k_rank=k_rank, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+        seg_q=seg_q, seg_k=seg_k, seg_diff=seg_diff,
+    )
+    cfg = dict(
+        causal=causal, t5_num_buckets=t5_num_buckets, t5_max_distance=t5_max_distance,
+        t5_bidirectional=t5_bidirectional, scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else scale,
+        dropout_p=dropout_p, seed=seed, empty_rows=empty_rows,
+    )
     return TwoStreamAttentionFn.apply(q, k, v, r, r_w_bias, r_r_bias, q_g, r_s_bias, seg_embed, t5_bias, aux, cfg)
