@@ -249,7 +249,7 @@ def _unskew(ds, pos, m0, BM: tl.constexpr, BN: tl.constexpr, BAND: tl.constexpr)
 
 @triton.jit
 def _fwd_rows(
-    pid_item, b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, o_ptr, s_ob, s_ol, s_oh, s_od, lse_ptr,
+    b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, o_ptr, s_ob, s_ol, s_oh, s_od, lse_ptr,
     s_lse_b, s_lse_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
     rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
     qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b,
@@ -719,7 +719,7 @@ def _fwd_kernel(
     h = tl.program_id(1)
     if pid < n_content:
         _fwd_rows(
-            pid, pid // n_mb, h, pid % n_mb, 0, 0, q_ptr, s_qb, s_ql, s_qh, s_qd, oh_ptr, s_ohb, s_ohl, s_ohh, s_ohd,
+            pid // n_mb, h, pid % n_mb, 0, 0, q_ptr, s_qb, s_ql, s_qh, s_qd, oh_ptr, s_ohb, s_ohl, s_ohh, s_ohd,
             lseh_ptr, s_lseh_b, s_lseh_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb,
             s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b,
             tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l,
@@ -731,7 +731,7 @@ def _fwd_kernel(
     else:
         c = chunks_ptr + (pid - n_content) * 4
         _fwd_rows(
-            pid, tl.load(c), h, tl.load(c + 1), tl.load(c + 2), tl.load(c + 3), qg_ptr, s_gb, s_gl, s_gh, s_gd,
+            tl.load(c), h, tl.load(c + 1), tl.load(c + 2), tl.load(c + 3), qg_ptr, s_gb, s_gl, s_gh, s_gd,
             og_ptr, s_ogb, s_ogl, s_ogh, s_ogd, lseg_ptr, s_lseg_b, s_lseg_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr,
             s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s,
             s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b,
