@@ -21,12 +21,15 @@ DEVICE = "cuda" if backends.triton_interpreter_enabled() is False and torch.cuda
 GRAD_NAMES = ["q", "k", "v", "r", "r_w_bias", "r_r_bias", "q_g", "r_s_bias", "seg_embed", "t5_bias"]
 
 
+def on_device(d):
+    return {n: (t.to(DEVICE) if isinstance(t, torch.Tensor) else t) for n, t in d.items()}
+
+
 def run(backend, x, kw, dtype, **extra):
     """Outputs and all gradients of one call with inputs cast to ``dtype`` (fixed random output weights)."""
     leaves = {n: (x[n] if n in x else kw[n]).detach().to(DEVICE, dtype).requires_grad_()
               for n in GRAD_NAMES if n in x or n in kw}
-    rest = {n: (t.to(DEVICE) if isinstance(t, torch.Tensor) else t) for n, t in {**x, **kw}.items()
-            if n not in leaves}
+    rest = {n: t for n, t in on_device({**x, **kw}).items() if n not in leaves}
     out = two_stream_attention(**leaves, **rest, **extra, backend=backend)
     outs = [o for o in out if o is not None]
     gen = torch.Generator().manual_seed(123)
@@ -104,18 +107,20 @@ def test_dropout_mask_equals_reference_mask():
     B, Lq, H = 2, 16, 2
     x, kw = make_inputs(B=B, Lq=Lq, H=H, D=Lq, P=3, dtype=torch.float32, features=("query",))
     x["v"] = torch.eye(Lq)[None, :, None, :].expand(B, Lq, H, Lq).contiguous()
+    x, kw = on_device(x), on_device(kw)
     ref = reference.two_stream_attention(**x, **kw, dropout_p=0.5, seed=31)
     out = two_stream_attention(**x, **kw, dropout_p=0.5, seed=31, backend="triton")
     for a, b in zip(out, ref):
         assert torch.equal(a == 0, b == 0)
         torch.testing.assert_close(a, b)
-    keep = philox_uniform(31, torch.arange(B * H * Lq * Lq).view(B, H, Lq, Lq)) >= 0.5
+    keep = philox_uniform(31, torch.arange(B * H * Lq * Lq, device=DEVICE).view(B, H, Lq, Lq)) >= 0.5
     assert torch.equal(out[0].permute(0, 2, 1, 3) != 0, keep)
 
 
 def test_strided_time_major_views():
     """HF hands time-major [L, B, H, D] tensors: transposed views are read through their strides."""
     x, kw = make_inputs(B=3, Lq=11, M=2, H=2, D=16, P=3, dtype=torch.float32, features=("query", "seg_ids"))
+    x, kw = on_device(x), on_device(kw)
     views = {n: (t.transpose(0, 1).contiguous().transpose(0, 1) if t.dim() == 4 else t) for n, t in x.items()}
     a = two_stream_attention(**x, **kw, backend="triton")
     b = two_stream_attention(**views, **kw, backend="triton")
@@ -126,8 +131,9 @@ def test_strided_time_major_views():
 def test_unsupported_inputs_give_reasons():
     x, kw = make_inputs(B=1, Lq=4, H=1, D=8, dtype=torch.float64)
     with pytest.raises(BackendUnavailableError, match="dtype torch.float64"):
-        two_stream_attention(**x, backend="triton")
+        two_stream_attention(**on_device(x), backend="triton")
     x, kw = make_inputs(B=1, Lq=4, H=1, D=160, dtype=torch.float32)
+    x = on_device(x)
     with pytest.raises(BackendUnavailableError, match="head dim 160 > 128"):
         two_stream_attention(**x, backend="triton")
     # auto falls back to the reference for them

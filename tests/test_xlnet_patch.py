@@ -13,6 +13,8 @@ transformers = pytest.importorskip("transformers")
 from transformers import XLNetConfig, XLNetLMHeadModel  # noqa: E402
 
 B, L, V = 2, 10, 40
+# Compiled Triton kernels need CUDA tensors; under TRITON_INTERPRET=1 everything stays on the CPU.
+DEVICE = "cuda" if torch.cuda.is_available() and not backends.triton_interpreter_enabled() else "cpu"
 
 
 def tiny_config(**overrides):
@@ -79,10 +81,10 @@ def run(model, kwargs, with_mems):
     model.zero_grad()
     mems = None
     if with_mems:
-        first = model(input_ids=torch.randint(0, V, (B, L)), use_mems=True)
+        first = model(input_ids=torch.randint(0, V, (B, L)).to(DEVICE), use_mems=True)
         mems = [m.detach() for m in first.mems]
     out = model(**kwargs, mems=mems, use_mems=True)
-    weights = torch.linspace(-1, 1, out.logits.numel()).view_as(out.logits)
+    weights = torch.linspace(-1, 1, out.logits.numel(), device=out.logits.device).view_as(out.logits)
     (out.logits * weights).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out, grads
@@ -97,10 +99,10 @@ def backend_param(name):
 @pytest.mark.parametrize("config_kw,spec", CASES.values(), ids=CASES.keys())
 def test_patched_model_equals_hf(config_kw, spec, backend):
     torch.manual_seed(0)
-    hf = XLNetLMHeadModel(tiny_config(**config_kw)).train()
+    hf = XLNetLMHeadModel(tiny_config(**config_kw)).to(DEVICE).train()
     patched = patch_xlnet(copy.deepcopy(hf), backend=backend)
     assert all(isinstance(layer.rel_attn, pnn.TwoStreamRelativeAttention) for layer in patched.transformer.layer)
-    kwargs = build_inputs(spec)
+    kwargs = {n: t.to(DEVICE) for n, t in build_inputs(spec).items()}
     rng = torch.get_rng_state()
     want, want_grads = run(hf, kwargs, spec.get("mems", False))
     torch.set_rng_state(rng)
