@@ -185,7 +185,9 @@ def _row_set(
         rows = tl.load(sorted_ptr + b * s_sorted_b + idx, mask=row_ok, other=0)
         pos = tl.load(tpos_ptr + b * s_tpos_b + rows * s_tpos_p, mask=row_ok, other=0).to(tl.int32)
         pos = tl.where(row_ok, pos, m_blk * BM)
-        drop_off = B * H * Lq * Lk.to(tl.int64) + ((b * H + h) * P + rows).to(tl.int64) * Lk
+        # int64 from the start; sizes equal to 1 arrive as constexpr and have no .to()
+        stream_base = (tl.zeros([], dtype=tl.int64) + B) * H * Lq * Lk
+        drop_off = stream_base + ((b * H + h) * P + rows).to(tl.int64) * Lk
     return rows, pos, row_ok, drop_off
 
 
