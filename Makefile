@@ -1,5 +1,7 @@
 # make test   - venv (unless one is active), torch if missing, the package with [test], pytest
 # make bench  - the main job: every op on every available backend against the float64 reference
+#               (python -m pyobjectives compare), then the benchmark suite (python -m benchmarks.run;
+#               CPU: the CPU-meaningful subset, Triton checked under the interpreter, never timed)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -25,7 +27,11 @@ test: install
 	TRITON_INTERPRET=$${TRITON_INTERPRET-1} $(PY) -m pytest tests -q
 
 bench: install
-	$(PY) -m pyobjectives compare
+	@# Equivalence first, then speed. Without a GPU, Triton runs on the CPU interpreter (checked, not timed).
+	@interp=$${TRITON_INTERPRET-$$($(PY) -c "import torch; print(int(not torch.cuda.is_available()))")}; \
+	TRITON_INTERPRET=$$interp $(PY) -m pyobjectives compare; cmp=$$?; \
+	TRITON_INTERPRET=$$interp $(PY) -m benchmarks.run $(BENCH_ARGS); suite=$$?; \
+	exit $$(( cmp || suite ))
 
 info: install
 	$(PY) -m pyobjectives info

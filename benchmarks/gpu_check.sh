@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (no network): install, versions, GPU test subset, full benchmark suite.
+#
+#   OUT=/folder/that/comes/back bash benchmarks/gpu_check.sh        (from the repository root)
+#
+# Writes at most 8 files under $OUT: gpu_check.log (everything printed), and the suite's
+# <device>_<date>.json / .csv / .md plus up to 4 PNGs. Sized for < 8 minutes on an H100.
+# Environment (all optional):
+#   BENCH_GIT_SHA      commit to record (the device copy of the tree has no .git); default: git, else "unknown"
+#   GPU_TESTS          pytest targets (default: the Triton, Philox, XLNet-patch and ElectraObjective tests)
+#   GPU_TEST_K         pytest -k expression (default: none)
+#   GPU_TEST_TIMEOUT   seconds for the test step (default 120)
+#   BENCH_MAX_MINUTES  soft limit of the suite: providers not started by then are skipped, with that reason (4)
+#   BENCH_PROFILE      suite profile (default gpu; "tiny" rehearses this script on a CPU machine)
+#   BENCH_ARGS         extra arguments for python -m benchmarks.run (e.g. "--ops attention rtd")
+#   PYTHON             interpreter (default python3)
+set -u -o pipefail
+: "${OUT:?set OUT to the folder whose files come back}"
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ -z "${BENCH_GIT_SHA:-}" ]; then
+  BENCH_GIT_SHA=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+fi
+export BENCH_GIT_SHA
+GPU_TESTS=${GPU_TESTS:-"tests/test_triton_attention.py tests/test_triton_electra.py tests/test_philox.py tests/test_xlnet_patch.py tests/test_electra_objective.py"}
+
+main() {
+  local t0 status=0
+  t0=$(date +%s)
+  step() { echo; echo "=== $* [$(( $(date +%s) - t0 )) s]"; }
+
+  step "install (no network): pip install --no-build-isolation --no-deps -e ."
+  $PY -m pip install --no-build-isolation --no-deps --no-cache-dir -e . 2>&1 | tail -n 5 \
+    || { echo "install FAILED; continuing from the source tree (PYTHONPATH)"; status=1; }
+
+  step "machine and versions"
+  nvidia-smi || status=1
+  $PY -c "import torch, triton, sys; print('python', sys.version.split()[0]); print('torch', torch.__version__, \
+'CUDA', torch.version.cuda); print('triton', triton.__version__); \
+print('device', torch.cuda.get_device_properties(0) if torch.cuda.is_available() else 'no CUDA device')"
+  $PY -m pyobjectives info || status=1
+
+  step "GPU tests (TRITON_INTERPRET=0, timeout ${GPU_TEST_TIMEOUT:-120} s): $GPU_TESTS"
+  # shellcheck disable=SC2086
+  timeout "${GPU_TEST_TIMEOUT:-120}" $PY -m pytest $GPU_TESTS -q -x -p no:cacheprovider \
+    ${GPU_TEST_K:+-k "$GPU_TEST_K"} 2>&1 | tail -n 60
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" = 124 ] && echo "GPU tests stopped at the ${GPU_TEST_TIMEOUT:-120} s limit"
+  [ "$rc" = 0 ] || status=1
+
+  step "benchmark suite (profile ${BENCH_PROFILE:-gpu}, soft limit ${BENCH_MAX_MINUTES:-4} min)"
+  # shellcheck disable=SC2086
+  $PY -m benchmarks.run --profile "${BENCH_PROFILE:-gpu}" --out "$OUT" --max-minutes "${BENCH_MAX_MINUTES:-4}" --verbose ${BENCH_ARGS:-} \
+    || status=1
+
+  step "done (status $status); files in \$OUT:"
+  ls -la "$OUT"
+  return $status
+}
+
+main 2>&1 | tee "$OUT/gpu_check.log"
+exit "${PIPESTATUS[0]}"
