@@ -267,7 +267,7 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _config(E: int, V: int, dtype: torch.dtype, device: torch.device) -> dict:
+def _config(N: int, E: int, V: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Block sizes. The interpreter runs one program at a time with numpy: mid-size tiles keep the
     number of steps down while still exercising several vocabulary tiles and E slices. On an H100,
     tensor-core tiles of 64 x 128 (forward) and 64 x 64 (backward), K slices of 64 bf16 / 32 fp32 /
@@ -275,9 +275,13 @@ def _config(E: int, V: int, dtype: torch.dtype, device: torch.device) -> dict:
     vocabulary splits whenever the row blocks alone would leave SMs idle."""
     e_p2 = triton.next_power_of_2(max(E, 16))
     if _interpreting() or device.type != "cuda":
-        # about 8 vocabulary tiles (so tile boundaries are exercised), at most 256 wide
-        bv = min(256, max(32, triton.next_power_of_2(triton.cdiv(V, 8))))
-        cfg = dict(fwd=(16, bv, 32), dh=(16, bv, 32, min(e_p2, 64)), dw=(16, bv, 32, min(e_p2, 64)),
+        # a few row blocks and about 8 vocabulary tiles (so block boundaries are exercised), within
+        # [4, 64] rows and [32, 512] ids: the interpreter pays per program, per step and per
+        # multiply-add of its (non-BLAS) tl.dot, and has no minimum dot size
+        bn = min(64, max(4, triton.next_power_of_2(triton.cdiv(N, 2))))
+        bv = min(512, max(32, triton.next_power_of_2(triton.cdiv(V, 8))))
+        bvb = min(1024, bv * 2)
+        cfg = dict(fwd=(bn, bv, 32), dh=(bn, bvb, 32, min(e_p2, 128)), dw=(bn, bvb, 32, min(e_p2, 128)),
                    num_warps=4, num_stages=1, target_programs=1)
     else:
         k = {torch.float64: 16, torch.float32: 32}.get(dtype, 64)
@@ -321,7 +325,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # kept rows first, in order; their count stays on the device (no host synchronisation)
         order = torch.argsort((~keep).to(torch.int8), stable=True).to(torch.int32)
         n_keep = keep.sum().to(torch.int32).reshape(1)
-        cfg = _config(E, V, dt, dev)
+        cfg = _config(N, E, V, dt, dev)
         BN, BV, BE = cfg["fwd"]
         row_blocks = triton.cdiv(N, BN)
         S, per = _splits(row_blocks, triton.cdiv(V, BV), cfg, "fwd_splits")
@@ -392,7 +396,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         else:
             coef, coef_stride = (grad_loss.to(acc) / denom).reshape(1), 0
         lse = lse.contiguous()
-        cfg = _config(E, V, dt, dev)
+        cfg = _config(N, E, V, dt, dev)
         common = (hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), targets.stride(0))
         flags = dict(IN_DT=_TL[dt], DOT_DT=dot_dt, PREC=prec, ACC=_TL[acc], INTERP=interp,
                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

@@ -70,8 +70,10 @@ def _rtd_fwd_kernel(
     nprog = tl.num_programs(0)
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
-    acc_loss = tl.zeros([BLOCK_T], ACC)
-    acc_g = tl.zeros([BLOCK_T], ACC)
+    # the two scalar sums are kept in float64 (one add per token): their fp32 rounding would
+    # otherwise be the largest error of a sum / mean over many tokens
+    acc_loss = tl.zeros([BLOCK_T], tl.float64)
+    acc_g = tl.zeros([BLOCK_T], tl.float64)
     n_real = tl.zeros([BLOCK_T], tl.int32)
     n_correct = tl.zeros([BLOCK_T], tl.int32)
     n_tp = tl.zeros([BLOCK_T], tl.int32)
@@ -122,7 +124,8 @@ def _rtd_fwd_kernel(
         e = tl.exp(-tl.abs(z))
         # log1p(e) without a log1p: log(u) * e / (u - 1) with u = 1 + e is exact to rounding (Kahan)
         u = 1.0 + e
-        log1p_e = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
+        tiny = u == 1.0
+        log1p_e = tl.where(tiny, e, tl.log(u) * (e / tl.where(tiny, 1.0, u - 1.0)))
         # max(z, 0) - label * z is exact (0, z or -z): no cancellation against the log term
         loss_t = tl.where(real, (tl.maximum(z, 0.0) - lab * z) + log1p_e, 0.0)
         acc_loss += loss_t
@@ -155,11 +158,11 @@ def _rtd_fwd_kernel(
                         tl.store(dwp_row + d, old + tl.sum(hc * g[:, None], 0), mask=d < D)
     part = part_ptr + pid * 8
     tl.store(part + 0, tl.sum(acc_loss, 0))
-    tl.store(part + 1, tl.sum(n_real, 0).to(ACC))
-    tl.store(part + 2, tl.sum(n_correct, 0).to(ACC))
-    tl.store(part + 3, tl.sum(n_tp, 0).to(ACC))
-    tl.store(part + 4, tl.sum(n_pred, 0).to(ACC))
-    tl.store(part + 5, tl.sum(n_repl, 0).to(ACC))
+    tl.store(part + 1, tl.sum(n_real, 0).to(tl.float64))
+    tl.store(part + 2, tl.sum(n_correct, 0).to(tl.float64))
+    tl.store(part + 3, tl.sum(n_tp, 0).to(tl.float64))
+    tl.store(part + 4, tl.sum(n_pred, 0).to(tl.float64))
+    tl.store(part + 5, tl.sum(n_repl, 0).to(tl.float64))
     tl.store(part + 6, tl.sum(acc_g, 0))
     tl.store(part + 7, tl.sum(acc_g, 0) * 0)
     if HEAD:
@@ -239,9 +242,11 @@ def _config(D: int, head: bool, dtype: torch.dtype, device: torch.device) -> dic
     (about 8K elements of hidden per iteration) and a persistent grid of a few programs per SM."""
     d_p2 = triton.next_power_of_2(max(D, 1))
     if _interpreting() or device.type != "cuda":
+        # the interpreter pays per program and per step: two programs (the persistent loop is
+        # still exercised), hidden slices of 32 (Dd = 70 takes the multi-slice path)
         block_d = min(d_p2, 32)
-        block_t = 16 if head else 64
-        return dict(BLOCK_T=block_t, BLOCK_D=max(block_d, 16), max_programs=4, num_warps=4)
+        block_t = 32 if head else 64
+        return dict(BLOCK_T=block_t, BLOCK_D=max(block_d, 16), max_programs=2, num_warps=4)
     wide = 4096 if dtype == torch.float64 else 8192
     if head:
         block_d = max(16, min(d_p2, 2048))
@@ -316,7 +321,7 @@ class _RTDLoss(torch.autograd.Function):
 
         tok = new_output((T,), x.dtype, dev) if store_tok else None
         g = new_output((T,), acc, dev) if store_g else None
-        part = new_output((P, _N_PARTIALS), acc, dev)
+        part = new_output((P, _N_PARTIALS), torch.float64, dev)  # float64 partial sums: [P, 8] only
         dwp = new_output((P, D), acc, dev) if need_dw_fwd else None
         if T == 0:
             part.zero_()
@@ -331,7 +336,7 @@ class _RTDLoss(torch.autograd.Function):
                 HEAD=head, HAS_BIAS=b is not None, HAS_MASK=masked, STORE_TOK=store_tok, GRAD=grad, STORE_G=store_g,
                 DW=need_dw_fwd, BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], D_CHUNKS=n_chunks,
                 ACC=_TL[acc], INTERP=interp, num_warps=cfg["num_warps"])
-        sums = part.to(torch.float64).sum(0)  # P partial rows: a float64 finish rounds the scalar once
+        sums = part.sum(0)  # float64 all the way: the scalar is rounded once
         count = sums[1]
         if reduction == "none":
             loss = tok.view(lead)

@@ -20,6 +20,16 @@ pytestmark = pytest.mark.skipif(bool(_REASONS), reason="triton backend unavailab
 DEV = "cpu" if triton_interpreter_enabled() or not torch.cuda.is_available() else "cuda"
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Small tensors only: torch's intra-op threads just contend with the interpreter (and with
+    other jobs on a small box), which can make a test 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _lce_module():
     from pyobjectives.kernels import linear_cross_entropy as K
     return K
