@@ -268,27 +268,32 @@ def _sm_count(index: int) -> int:
 
 
 def _config(N: int, E: int, V: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Block sizes. The interpreter runs one program at a time with numpy: mid-size tiles keep the
-    number of steps down while still exercising several vocabulary tiles and E slices. On an H100,
-    tensor-core tiles of 64 x 128 (forward) and 64 x 64 (backward), K slices of 64 bf16 / 32 fp32 /
-    16 fp64 elements, backward output slices of up to 256 columns of E (acc in registers), and
-    vocabulary splits whenever the row blocks alone would leave SMs idle."""
+    """Block sizes ``fwd = (BLOCK_N, BLOCK_V, BLOCK_E)``, ``dh`` / ``dw = (BLOCK_N, BLOCK_V, BLOCK_E,
+    BLOCK_EO)`` (BLOCK_EO: the slice of E one backward program owns).
+
+    The interpreter runs one program at a time with numpy: a few row blocks and about 8
+    vocabulary tiles (so block boundaries are exercised), within [4, 64] rows and [32, 512] ids;
+    it pays per program, per step and per multiply-add of its (non-BLAS) tl.dot, and has no
+    minimum dot size. On an H100 (sm_90, wgmma for 16-bit inputs): 64 x 128 forward tiles with K
+    slices of 64, 64 x 64 backward tiles owning 128 columns of E; float32 (ieee, FMA) and float64
+    use 64 x 64 tiles with K slices of 32 / 16 and 64 columns of E. These are the largest tiles
+    that compile for sm_90 without register spills (checked with ptxas); vocabulary splits
+    add programs whenever the row blocks alone would leave SMs idle.
+    """
     e_p2 = triton.next_power_of_2(max(E, 16))
     if _interpreting() or device.type != "cuda":
-        # a few row blocks and about 8 vocabulary tiles (so block boundaries are exercised), within
-        # [4, 64] rows and [32, 512] ids: the interpreter pays per program, per step and per
-        # multiply-add of its (non-BLAS) tl.dot, and has no minimum dot size
         bn = min(64, max(4, triton.next_power_of_2(triton.cdiv(N, 2))))
         bv = min(512, max(32, triton.next_power_of_2(triton.cdiv(V, 8))))
         bvb = min(1024, bv * 2)
         cfg = dict(fwd=(bn, bv, 32), dh=(bn, bvb, 32, min(e_p2, 128)), dw=(bn, bvb, 32, min(e_p2, 128)),
                    num_warps=4, num_stages=1, target_programs=1)
+    elif dtype in (torch.float16, torch.bfloat16):
+        cfg = dict(fwd=(64, 128, 64), dh=(64, 64, 64, min(e_p2, 128)), dw=(64, 64, 64, min(e_p2, 128)),
+                   num_warps=8, num_stages=2, target_programs=2 * _sm_count(device.index or 0))
     else:
-        k = {torch.float64: 16, torch.float32: 32}.get(dtype, 64)
-        eo = {torch.float64: 64, torch.float32: 128}.get(dtype, 256)
-        cfg = dict(fwd=(64, 128 if dtype != torch.float64 else 64, k), dh=(64, 64, k, min(e_p2, eo)),
-                   dw=(64, 64, k, min(e_p2, eo)), num_warps=8, num_stages=2,
-                   target_programs=2 * _sm_count(device.index or 0))
+        k = 32 if dtype == torch.float32 else 16
+        cfg = dict(fwd=(64, 64, k), dh=(64, 64, 16, min(e_p2, 64)), dw=(64, 64, 16, min(e_p2, 64)),
+                   num_warps=8, num_stages=2, target_programs=2 * _sm_count(device.index or 0))
     cfg.update(CONFIG_OVERRIDE)
     return cfg
 

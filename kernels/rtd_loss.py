@@ -70,15 +70,18 @@ def _rtd_fwd_kernel(
     nprog = tl.num_programs(0)
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
-    # the two scalar sums are kept in float64 (one add per token): their fp32 rounding would
-    # otherwise be the largest error of a sum / mean over many tokens
-    acc_loss = tl.zeros([BLOCK_T], tl.float64)
-    acc_g = tl.zeros([BLOCK_T], tl.float64)
-    n_real = tl.zeros([BLOCK_T], tl.int32)
-    n_correct = tl.zeros([BLOCK_T], tl.int32)
-    n_tp = tl.zeros([BLOCK_T], tl.int32)
-    n_pred = tl.zeros([BLOCK_T], tl.int32)
-    n_repl = tl.zeros([BLOCK_T], tl.int32)
+    # scalar accumulators (a block reduction per step keeps registers free for the loads); the
+    # two sums are float64, since their fp32 rounding would otherwise be the largest error of a
+    # sum / mean over many tokens
+    zero64 = tl.sum(tl.zeros([BLOCK_T], tl.float64), 0)
+    zero32 = tl.sum(tl.zeros([BLOCK_T], tl.int32), 0)
+    acc_loss = zero64
+    acc_g = zero64
+    n_real = zero32
+    n_correct = zero32
+    n_tp = zero32
+    n_pred = zero32
+    n_repl = zero32
     dwp_row = dwp_ptr + pid.to(tl.int64) * D
     if HEAD:
         bias = tl.zeros([BLOCK_T], ACC)
@@ -128,22 +131,22 @@ def _rtd_fwd_kernel(
         log1p_e = tl.where(tiny, e, tl.log(u) * (e / tl.where(tiny, 1.0, u - 1.0)))
         # max(z, 0) - label * z is exact (0, z or -z): no cancellation against the log term
         loss_t = tl.where(real, (tl.maximum(z, 0.0) - lab * z) + log1p_e, 0.0)
-        acc_loss += loss_t
+        acc_loss += tl.sum(loss_t.to(tl.float64), 0)
         if STORE_TOK:
             tl.store(tok_ptr + t, _cast(loss_t * loss_weight, tok_ptr.dtype.element_ty, INTERP), mask=valid)
         pred = z > 0
-        n_real += real.to(tl.int32)
-        n_correct += (real & (pred == label)).to(tl.int32)
-        n_tp += (real & pred & label).to(tl.int32)
-        n_pred += (real & pred).to(tl.int32)
-        n_repl += (real & label).to(tl.int32)
+        n_real += tl.sum(real.to(tl.int32), 0)
+        n_correct += tl.sum((real & (pred == label)).to(tl.int32), 0)
+        n_tp += tl.sum((real & pred & label).to(tl.int32), 0)
+        n_pred += tl.sum((real & pred).to(tl.int32), 0)
+        n_repl += tl.sum((real & label).to(tl.int32), 0)
         if GRAD:
             # sigmoid(z) - label without cancellation: sigmoid(z) - 1 = -sigmoid(-z)
             big = 1.0 / u  # sigmoid(|z|)
             small = e / u  # sigmoid(-|z|)
             g = tl.where(label, -tl.where(z >= 0, small, big), tl.where(z >= 0, big, small))
             g = tl.where(real, g, 0.0)
-            acc_g += g
+            acc_g += tl.sum(g.to(tl.float64), 0)
             if STORE_G:
                 tl.store(g_ptr + t, g, mask=valid)
             if DW:
@@ -157,14 +160,14 @@ def _rtd_fwd_kernel(
                         old = tl.load(dwp_row + d, mask=d < D, other=0)
                         tl.store(dwp_row + d, old + tl.sum(hc * g[:, None], 0), mask=d < D)
     part = part_ptr + pid * 8
-    tl.store(part + 0, tl.sum(acc_loss, 0))
-    tl.store(part + 1, tl.sum(n_real, 0).to(tl.float64))
-    tl.store(part + 2, tl.sum(n_correct, 0).to(tl.float64))
-    tl.store(part + 3, tl.sum(n_tp, 0).to(tl.float64))
-    tl.store(part + 4, tl.sum(n_pred, 0).to(tl.float64))
-    tl.store(part + 5, tl.sum(n_repl, 0).to(tl.float64))
-    tl.store(part + 6, tl.sum(acc_g, 0))
-    tl.store(part + 7, tl.sum(acc_g, 0) * 0)
+    tl.store(part + 0, acc_loss)
+    tl.store(part + 1, n_real.to(tl.float64))
+    tl.store(part + 2, n_correct.to(tl.float64))
+    tl.store(part + 3, n_tp.to(tl.float64))
+    tl.store(part + 4, n_pred.to(tl.float64))
+    tl.store(part + 5, n_repl.to(tl.float64))
+    tl.store(part + 6, acc_g)
+    tl.store(part + 7, zero64)
     if HEAD:
         if DW:
             if D_CHUNKS == 1:
@@ -238,8 +241,8 @@ def _sm_count(index: int) -> int:
 
 
 def _config(D: int, head: bool, dtype: torch.dtype, device: torch.device) -> dict:
-    """Block sizes: the interpreter wants few, mid-size blocks; an H100 wants wide streaming tiles
-    (about 8K elements of hidden per iteration) and a persistent grid of a few programs per SM."""
+    """Block sizes: the interpreter wants few, mid-size blocks; an H100 wants streaming tiles of
+    4K elements of hidden per step and a persistent grid of a few programs per SM."""
     d_p2 = triton.next_power_of_2(max(D, 1))
     if _interpreting() or device.type != "cuda":
         # the interpreter pays per program and per step: two programs (the persistent loop is
@@ -247,12 +250,14 @@ def _config(D: int, head: bool, dtype: torch.dtype, device: torch.device) -> dic
         block_d = min(d_p2, 32)
         block_t = 32 if head else 64
         return dict(BLOCK_T=block_t, BLOCK_D=max(block_d, 16), max_programs=2, num_warps=4)
-    wide = 4096 if dtype == torch.float64 else 8192
+    # 16 elements of hidden (or 4 tokens) per thread and step keep a program near 100 registers
+    # (ptxas, sm_90), so two programs of 8 warps share an SM and hide each other's load latency
+    wide = 2048 if dtype == torch.float64 else 4096
     if head:
         block_d = max(16, min(d_p2, 2048))
         block_t = max(4, min(256, wide // block_d))
     else:
-        block_d, block_t = 16, 2048 if dtype != torch.float64 else 1024
+        block_d, block_t = 16, 1024 if dtype != torch.float64 else 512
     return dict(BLOCK_T=block_t, BLOCK_D=block_d, max_programs=4 * _sm_count(device.index or 0), num_warps=8)
 
 

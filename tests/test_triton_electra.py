@@ -400,3 +400,88 @@ def test_lce_argmax_from_the_same_sweep():
     loss2, argmax2 = K.linear_cross_entropy(h, w, fixed["targets"], b, return_argmax=True)
     assert torch.equal(argmax2, argmax) and torch.equal(loss2, loss)
 
+
+
+# --- compiled for an H100 without one -------------------------------------------------------------
+
+_SM90_COMPILE = r'''
+import os, sys
+os.environ["TRITON_INTERPRET"] = "0"
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import pyobjectives.kernels.rtd_loss as R
+import pyobjectives.kernels.linear_cross_entropy as K
+R._interpreting = K._interpreting = lambda: False
+R._sm_count = K._sm_count = lambda index: 132
+P = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
+dev = torch.device("cuda", 0)
+failed = []
+
+def build(name, fn, sig, consts, num_warps, num_stages=2):
+    signature = {a: ("constexpr" if a in consts else sig[a]) for a in fn.arg_names}
+    try:
+        triton.compile(ASTSource(fn, signature, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=num_warps, num_stages=num_stages))
+    except Exception as exc:
+        failed.append(f"{name}: {type(exc).__name__}: {str(exc)[:500]}")
+
+for dt in (torch.bfloat16, torch.float32):
+    acc = torch.float32
+    for head, D in ((False, 1), (True, 768)):
+        cfg = R._config(D, head, dt, dev)
+        chunks = max(1, triton.cdiv(D, cfg["BLOCK_D"]))
+        sig = dict(x_ptr=P[dt], w_ptr=P[dt], b_ptr=P[dt], c_ptr="*i64", o_ptr="*i64", m_ptr="*u8", tok_ptr=P[dt],
+                   g_ptr=P[acc], part_ptr="*fp64", dwp_ptr=P[acc], T="i32", L="i32", D="i32", n_blocks="i32",
+                   sx0="i64", sx1="i64", sxd="i64", sc0="i64", sc1="i64", so0="i64", so1="i64", sm0="i64",
+                   sm1="i64", loss_weight="fp32")
+        build(f"rtd fwd {dt} D={D}", R._rtd_fwd_kernel, sig, dict(
+            HEAD=head, HAS_BIAS=head, HAS_MASK=True, STORE_TOK=True, GRAD=True, STORE_G=True, DW=head,
+            BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], D_CHUNKS=chunks, ACC=R._TL[acc], INTERP=False),
+            cfg["num_warps"])
+        if head:
+            sig = dict(g_ptr=P[acc], s_ptr=P[acc], s_stride="i32", w_ptr=P[dt], x_ptr=P[dt], dx_ptr=P[dt],
+                       dwp_ptr=P[acc], T="i32", L="i32", D="i32", n_blocks="i32", sx0="i64", sx1="i64", sxd="i64")
+            build(f"rtd bwd {dt}", R._rtd_bwd_kernel, sig, dict(
+                DX=True, DW=True, BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], D_CHUNKS=chunks, ACC=R._TL[acc],
+                INTERP=False), cfg["num_warps"])
+    cfg = K._config(20224, 768, 30522, dt, dev)
+    acc_t, dot_t, prec = K._TL[acc], K._TL[dt], ("ieee" if dt == torch.float32 else None)
+    common = dict(IN_DT=K._TL[dt], DOT_DT=dot_t, PREC=prec, ACC=acc_t, INTERP=False, HAS_BIAS=True)
+    strides = dict(N="i32", V="i32", E="i32", s_hn="i32", s_he="i32", s_wv="i32", s_we="i32", s_t="i32")
+    rows = dict(h_ptr=P[dt], w_ptr=P[dt], b_ptr=P[dt], tgt_ptr="*i64", order_ptr="*i32", nkeep_ptr="*i32")
+    BN, BV, BE = cfg["fwd"]
+    build(f"lce fwd {dt}", K._lce_fwd_kernel, dict(
+        rows, dis_ptr="*i64", lse_ptr=P[acc], tgl_ptr=P[acc], smax_ptr="*fp32", sidx_ptr="*i32", amax_ptr=P[acc],
+        aidx_ptr="*i32", seed="i64", temperature="fp32", tiles_per_split="i32", s_dis="i32", **strides),
+        dict(common, SAMPLE=True, ARGMAX=True, HAS_DIS=True, BLOCK_N=BN, BLOCK_V=BV, BLOCK_E=BE),
+        cfg["num_warps"], cfg["num_stages"])
+    BN, BV, BE, BEO = cfg["dh"]
+    build(f"lce dh {dt}", K._lce_bwd_dh_kernel, dict(
+        rows, lse_ptr=P[acc], coef_ptr=P[acc], dh_ptr=P[dt], tiles_per_split="i32", coef_stride="i32", **strides),
+        dict(common, PARTIAL=False, BLOCK_N=BN, BLOCK_V=BV, BLOCK_E=BE, BLOCK_EO=BEO),
+        cfg["num_warps"], cfg["num_stages"])
+    BN, BV, BE, BEO = cfg["dw"]
+    build(f"lce dw {dt}", K._lce_bwd_dw_kernel, dict(
+        rows, lse_ptr=P[acc], coef_ptr=P[acc], dw_ptr=P[dt], db_ptr=P[dt], coef_stride="i32", **strides),
+        dict(common, DW=True, DB=True, BLOCK_N=BN, BLOCK_V=BV, BLOCK_E=BE, BLOCK_EO=BEO),
+        cfg["num_warps"], cfg["num_stages"])
+print("\n".join(failed) or "all compiled")
+sys.exit(1 if failed else 0)
+'''
+
+
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter does not type-check GPU lowering: compile every kernel (bf16 and fp32, the
+    H100 block sizes) down to a cubin for sm_90 with Triton's bundled ptxas, no device needed."""
+    import os
+    import subprocess
+    import sys
+
+    import triton
+    if not hasattr(triton, "compile") or not os.path.exists(
+            os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this Triton build has no bundled NVIDIA ptxas")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
