@@ -274,11 +274,12 @@ def _config(N: int, E: int, V: int, dtype: torch.dtype, device: torch.device) ->
     The interpreter runs one program at a time with numpy: a few row blocks and about 8
     vocabulary tiles (so block boundaries are exercised), within [4, 64] rows and [32, 512] ids;
     it pays per program, per step and per multiply-add of its (non-BLAS) tl.dot, and has no
-    minimum dot size. On an H100 (sm_90, wgmma for 16-bit inputs): 64 x 128 forward tiles with K
-    slices of 64, 64 x 64 backward tiles owning 128 columns of E; float32 (ieee, FMA) and float64
-    use 64 x 64 tiles with K slices of 32 / 16 and 64 columns of E. These are the largest tiles
-    that compile for sm_90 without register spills (checked with ptxas); vocabulary splits
-    add programs whenever the row blocks alone would leave SMs idle.
+    minimum dot size. On an H100 (sm_90, 16-bit inputs): 64 x 128 forward tiles with K slices of
+    64; backward 64 x 64 tiles owning all of E up to 128, and for wider E 32-row tiles owning 512
+    (d hidden) / 256 (d weight) columns, since every E slice recomputes the logits (E = 768: 2 and
+    3 slices); float32 (ieee, FMA) and float64 use 64 x 64 tiles with K slices of 32 / 16 and 64
+    columns of E. All compile for sm_90 with no or few (<= 64 bytes) register spills (ptxas);
+    vocabulary splits add programs whenever the row blocks alone would leave SMs idle.
     """
     e_p2 = triton.next_power_of_2(max(E, 16))
     if _interpreting() or device.type != "cuda":
@@ -288,8 +289,12 @@ def _config(N: int, E: int, V: int, dtype: torch.dtype, device: torch.device) ->
         cfg = dict(fwd=(bn, bv, 32), dh=(bn, bvb, 32, min(e_p2, 128)), dw=(bn, bvb, 32, min(e_p2, 128)),
                    num_warps=4, num_stages=1, target_programs=1)
     elif dtype in (torch.float16, torch.bfloat16):
-        cfg = dict(fwd=(64, 128, 64), dh=(64, 64, 64, min(e_p2, 128)), dw=(64, 64, 64, min(e_p2, 128)),
-                   num_warps=8, num_stages=2, target_programs=2 * _sm_count(device.index or 0))
+        if E <= 128:
+            dh, dw = (64, 64, 64, e_p2), (64, 64, 64, e_p2)
+        else:  # wide E: fewer, wider E slices (each slice recomputes the logits) on smaller row tiles
+            dh, dw = (32, 32, 64, min(e_p2, 512)), (32, 64, 64, min(e_p2, 256))
+        cfg = dict(fwd=(64, 128, 64), dh=dh, dw=dw, num_warps=8, num_stages=2,
+                   target_programs=2 * _sm_count(device.index or 0))
     else:
         k = 32 if dtype == torch.float32 else 16
         cfg = dict(fwd=(64, 64, k), dh=(64, 64, 16, min(e_p2, 64)), dw=(64, 64, 16, min(e_p2, 64)),
