@@ -366,11 +366,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         denom = None
         if reduction == "none":
             loss = per_row.to(dt)
-        elif reduction == "sum":
-            loss = per_row.sum().to(dt)
+        elif reduction == "sum":  # float64 over N values: the scalar is rounded once
+            loss = per_row.to(torch.float64).sum().to(dt)
         else:
-            denom = n_keep[0].to(acc).clamp(min=1)
-            loss = (per_row.sum() / denom).to(dt)
+            denom = n_keep[0].to(torch.float64).clamp(min=1)
+            loss = (per_row.to(torch.float64).sum() / denom).to(dt)
         extras = []
         if sample:
             best = smax.argmax(0, keepdim=True)
@@ -404,7 +404,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         elif meta["reduction"] == "sum":
             coef, coef_stride = grad_loss.to(acc).reshape(1), 0
         else:
-            coef, coef_stride = (grad_loss.to(acc) / denom).reshape(1), 0
+            coef, coef_stride = (grad_loss.to(torch.float64) / denom).to(acc).reshape(1), 0
         lse = lse.contiguous()
         cfg = _config(N, E, V, dt, dev)
         common = (hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), targets.stride(0))
