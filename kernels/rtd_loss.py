@@ -18,9 +18,10 @@ gives 0 / 1 = 0.0. Because the loss is a scalar, the gradient is ``s * g_t`` wit
 d hidden written once (backward). ``reduction="none"`` has a per-token ``grad_out``; its backward
 reads hidden a second time for ``d head_weight``.
 
-Accumulation is float32 (float64 for float64 inputs); any leading shape and strides are
-accepted (leading dims are collapsed to ``[B, L]`` strides where the layout allows, otherwise
-copied).
+Per-token math and the ``head_weight`` partials are float32 (float64 for float64 inputs); the
+loss, count and ``sum g`` partials are float64, so the scalars are rounded once. Any leading
+shape and strides are accepted (leading dims are collapsed to ``[B, L]`` strides where the
+layout allows, otherwise copied); ids may be any integer dtype, the mask bool, int or float.
 """
 
 from __future__ import annotations
@@ -379,7 +380,8 @@ class _RTDLoss(torch.autograd.Function):
             s = (grad_loss.to(acc) * c["loss_weight"]).reshape(-1).contiguous()
             s_stride = 1
         else:
-            s = (grad_loss.to(torch.float64) * c["loss_weight"] / denom).to(acc).reshape(1)
+            s64 = grad_loss.to(torch.float64) * c["loss_weight"] / denom  # the scalar grads use it unrounded
+            s = s64.to(acc).reshape(1)
             s_stride = 0
         T = c["T"]
         if not c["head"]:
@@ -405,12 +407,12 @@ class _RTDLoss(torch.autograd.Function):
             if per_token_dw:
                 dw = dwp_b.sum(0).to(c["dtypes"][1])
         if need_w and not per_token_dw:
-            dw = (dwp.sum(0) * s[0]).to(c["dtypes"][1])
+            dw = (dwp.sum(0).to(torch.float64) * s64).to(c["dtypes"][1])
         if need_b:
             if s_stride:
-                db = (g * s).sum().to(c["dtypes"][2])
+                db = (g.to(torch.float64) * s).sum().to(c["dtypes"][2])
             else:
-                db = (gsum[0] * s[0]).to(c["dtypes"][2])
+                db = (gsum[0] * s64).to(c["dtypes"][2])
         return dx, dw, db, None, None, None, None, None, None, None, None
 
 
