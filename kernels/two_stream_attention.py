@@ -105,18 +105,24 @@ def _load_band(r_base, stride_rr, stride_rd, band_start, R, D, BAND: tl.constexp
 
 @triton.jit
 def _tile_scores(
-    xq, rw, rr, e0, e1, k, rband, pos, row_ok, qrank_row, segq_row, n0, m0, b, h, Lq, Lk, M, scale, krank_ptr,
+    xq, rw, rr, e0, e1, k, rband, pos, row_ok, qrank_row, segq_row, n0, m0, b, h, Lq, Lk, M, scale, wk_ptr, rrr_ptr,
+    H, R, krank_ptr,
     s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr,
     s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, IS_CONTENT: tl.constexpr, HAS_RANK: tl.constexpr,
     HAS_DENSE: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, SEG_IDS: tl.constexpr,
     SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr, DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BAND: tl.constexpr,
 ):
     """Scores ``s`` (fp32, before masking), visibility ``vis`` and "segments differ" of one tile."""
     offs_n = n0 + tl.arange(0, BN)
     differ = tl.zeros([xq.shape[0], BN], dtype=tl.int1)
     key_ok = offs_n < Lk
-    ac = _dot(xq, tl.trans(k), DOT_PREC) + tl.sum(k.to(tl.float32) * rw[None, :], axis=1)[None, :]
-    band = _dot(xq, tl.trans(rband), DOT_PREC) + tl.sum(rband.to(tl.float32) * rr[None, :], axis=1)[None, :]
+    # bias . k and bias . r come precomputed per key / per r row (fp32, O(B*H*L)); see _Launch.
+    wk = tl.load(wk_ptr + (b * H + h) * Lk + offs_n, mask=key_ok, other=0.0)
+    t = Lq - (m0 + BM - 1) + n0 + tl.arange(0, BAND)
+    rrr = tl.load(rrr_ptr + (b * H + h) * R + t, mask=(t >= 0) & (t < R), other=0.0)
+    ac = _dot(xq, tl.trans(k), DOT_PREC) + wk[None, :]
+    band = _dot(xq, tl.trans(rband), DOT_PREC) + rrr[None, :]
     skew = (m0 + BM - 1 - pos)[:, None] + tl.arange(0, BN)[None, :]
     s = ac + tl.gather(band, skew, axis=1)
     if SEG_IDS:
@@ -253,7 +259,8 @@ def _unskew(ds, pos, m0, BM: tl.constexpr, BN: tl.constexpr, BAND: tl.constexpr)
 def _fwd_rows(
     b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, o_ptr, s_ob, s_ol, s_oh, s_od, lse_ptr,
     s_lse_b, s_lse_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd,
-    rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
+    rw_ptr, rr_ptr, rs_ptr, s_bias_h, wk_ptr, rrr_ptr, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr,
+    s_tpos_b, s_tpos_p,
     qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b,
     mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed,
     dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT: tl.constexpr, ROWS: tl.constexpr, HAS_RANK: tl.constexpr,
@@ -283,10 +290,11 @@ def _fwd_rows(
         v = tl.load(v_ptr + b * s_vb + offs_n[:, None] * s_vl + h * s_vh + d[None, :] * s_vd, mask=kv_mask, other=0.0)
         rband = _load_band(r_ptr + b * s_rb + h * s_rh, s_rr, s_rd, Lq - (m0 + BM - 1) + n0, R, D, BAND, BD)
         s, vis, differ = _tile_scores(
-            xq, rw, rr, e0, e1, k, rband, pos, row_ok, qrank_row, segq_row, n0, m0, b, h, Lq, Lk, M, scale, krank_ptr,
+            xq, rw, rr, e0, e1, k, rband, pos, row_ok, qrank_row, segq_row, n0, m0, b, h, Lq, Lk, M, scale, wk_ptr,
+            rrr_ptr, H, R, krank_ptr,
             s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k,
             segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, IS_CONTENT, HAS_RANK, HAS_DENSE, HAS_KPM,
-            CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, DOT_PREC, BM, BN,
+            CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, DOT_PREC, BM, BN, BAND,
         )
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -331,7 +339,8 @@ def _fwd_rows(
 def _bwd_rows_setup(
     b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, do_ptr, s_dob, s_dol, s_doh, s_dod, lse_ptr,
     delta_ptr, s_lse_b, s_lse_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr,
-    s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b,
+    s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, wk_ptr, rrr_ptr, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b,
+    tpos_ptr, s_tpos_b,
     s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr,
     s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r,
     seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT: tl.constexpr, ROWS: tl.constexpr,
@@ -364,7 +373,8 @@ def _bwd_rows_setup(
 def _bwd_tile(
     xq, rw, rr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do, lse, delta, drop_off, n0, m0, b, h, k_ptr,
     s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr,
-    s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b,
+    s_bias_h, wk_ptr, rrr_ptr, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
+    qrank_ptr, s_qrank_b,
     krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b,
     s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H,
     Lq, Lk, M, R, P, D, IS_CONTENT: tl.constexpr, HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr,
@@ -374,10 +384,11 @@ def _bwd_tile(
 ):
     """Recompute one tile: probabilities after dropout ``pd`` and dL/dscore ``ds`` (plus "segments differ")."""
     s, vis, differ = _tile_scores(
-        xq, rw, rr, e0, e1, k, rband, pos, row_ok, qrank_row, segq_row, n0, m0, b, h, Lq, Lk, M, scale, krank_ptr,
+        xq, rw, rr, e0, e1, k, rband, pos, row_ok, qrank_row, segq_row, n0, m0, b, h, Lq, Lk, M, scale, wk_ptr,
+        rrr_ptr, H, R, krank_ptr,
         s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr,
         s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, IS_CONTENT, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL,
-        SEG_IDS, SEG_DENSE, HAS_T5, DOT_PREC, BM, BN,
+        SEG_IDS, SEG_DENSE, HAS_T5, DOT_PREC, BM, BN, BAND,
     )
     key_ok = (n0 + tl.arange(0, BN)) < Lk
     p = _probs(s, vis, lse, lse == float("inf"), row_ok, key_ok, Lk, EMPTY_UNIFORM)
@@ -408,7 +419,8 @@ def _dq_rows(
     pid, b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, do_ptr, s_dob, s_dol, s_doh, s_dod, lse_ptr,
     delta_ptr, s_lse_b, s_lse_h, dx_ptr, s_dxb, s_dxl, s_dxh, s_dxd, de_ptr, s_de_b, s_de_h, bias_part_ptr, k_ptr,
     s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr,
-    s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b,
+    s_bias_h, wk_ptr, rrr_ptr, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
+    qrank_ptr, s_qrank_b,
     krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b,
     s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H,
     Lq, Lk, M, R, P, D, IS_CONTENT: tl.constexpr, ROWS: tl.constexpr, HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr,
@@ -419,7 +431,8 @@ def _dq_rows(
     rows, pos, row_ok, drop_off, xq, rw, rr, e0, e1, qrank_row, segq_row, do, lse, delta = _bwd_rows_setup(
         b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, do_ptr, s_dob, s_dol, s_doh, s_dod, lse_ptr,
         delta_ptr, s_lse_b, s_lse_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr,
-        s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr,
+        s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, wk_ptr, rrr_ptr, se_ptr, s_se_s, s_se_h, sorted_ptr,
+        s_sorted_b, tpos_ptr,
         s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b,
         segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr,
         s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT, ROWS, HAS_RANK, HAS_DENSE,
@@ -438,7 +451,8 @@ def _dq_rows(
         pd, ds, differ = _bwd_tile(
             xq, rw, rr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do, lse, delta, drop_off, n0, m0, b, h,
             k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr,
-            rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
+            rr_ptr, rs_ptr, s_bias_h, wk_ptr, rrr_ptr, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr,
+            s_tpos_b, s_tpos_p,
             qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr,
             s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h,
             s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT, HAS_RANK, HAS_DENSE, HAS_KPM,
@@ -474,7 +488,8 @@ def _dq_kernel(
     deltah_ptr, s_lseh_b, s_lseh_h, qg_ptr, s_gb, s_gl, s_gh, s_gd, dog_ptr, s_dogb, s_dogl, s_dogh, s_dogd, lseg_ptr,
     deltag_ptr, s_lseg_b, s_lseg_h, dq_ptr, s_dqb, s_dql, s_dqh, s_dqd, dqg_ptr, s_dqgb, s_dqgl, s_dqgh, s_dqgd,
     deh_ptr, s_deh_b, s_deh_h, deg_ptr, s_deg_b, s_deg_h, bias_part_ptr, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb,
-    s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
+    s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, wk_ptr, rrr_ptr, se_ptr,
+    s_se_s, s_se_h,
     sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr,
     s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr,
     s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D,
@@ -490,7 +505,8 @@ def _dq_kernel(
             pid, pid // n_mb, h, pid % n_mb, 0, 0, q_ptr, s_qb, s_ql, s_qh, s_qd, doh_ptr, s_dohb, s_dohl, s_dohh,
             s_dohd, lseh_ptr, deltah_ptr, s_lseh_b, s_lseh_h, dq_ptr, s_dqb, s_dql, s_dqh, s_dqd, deh_ptr, s_deh_b,
             s_deh_h, bias_part_ptr, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr,
-            s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr,
+            s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, wk_ptr, rrr_ptr, se_ptr, s_se_s, s_se_h, sorted_ptr,
+            s_sorted_b, tpos_ptr,
             s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr,
             s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q,
             s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, True, BM, HAS_RANK,
@@ -503,7 +519,8 @@ def _dq_kernel(
             pid, tl.load(c), h, tl.load(c + 1), tl.load(c + 2), tl.load(c + 3), qg_ptr, s_gb, s_gl, s_gh, s_gd,
             dog_ptr, s_dogb, s_dogl, s_dogh, s_dogd, lseg_ptr, deltag_ptr, s_lseg_b, s_lseg_h, dqg_ptr, s_dqgb,
             s_dqgl, s_dqgh, s_dqgd, deg_ptr, s_deg_b, s_deg_h, bias_part_ptr, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr,
-            s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s,
+            s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, wk_ptr, rrr_ptr,
+            se_ptr, s_se_s,
             s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b,
             kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k,
             segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M,
@@ -516,7 +533,8 @@ def _dq_kernel(
 def _kv_rows(
     dk, dv, k, v, n0, b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, do_ptr, s_dob, s_dol, s_doh,
     s_dod, lse_ptr, delta_ptr, s_lse_b, s_lse_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr,
-    s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b,
+    s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, wk_ptr, rrr_ptr, se_ptr, s_se_s, s_se_h, sorted_ptr,
+    s_sorted_b,
     tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr,
     s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k,
     t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT: tl.constexpr,
@@ -528,7 +546,8 @@ def _kv_rows(
     rows, pos, row_ok, drop_off, xq, rw, rr, e0, e1, qrank_row, segq_row, do, lse, delta = _bwd_rows_setup(
         b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, do_ptr, s_dob, s_dol, s_doh, s_dod, lse_ptr,
         delta_ptr, s_lse_b, s_lse_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr,
-        s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr,
+        s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, wk_ptr, rrr_ptr, se_ptr, s_se_s, s_se_h, sorted_ptr,
+        s_sorted_b, tpos_ptr,
         s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b,
         segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr,
         s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT, ROWS, HAS_RANK, HAS_DENSE,
@@ -539,7 +558,8 @@ def _kv_rows(
     pd, ds, differ = _bwd_tile(
         xq, rw, rr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do, lse, delta, drop_off, n0, m0, b, h,
         k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr,
-        rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr,
+        rs_ptr, s_bias_h, wk_ptr, rrr_ptr, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b,
+        s_tpos_p, qrank_ptr,
         s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr,
         s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p,
         scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5,
@@ -557,7 +577,8 @@ def _dkdv_kernel(
     deltah_ptr, s_lseh_b, s_lseh_h, qg_ptr, s_gb, s_gl, s_gh, s_gd, dog_ptr, s_dogb, s_dogl, s_dogh, s_dogd, lseg_ptr,
     deltag_ptr, s_lseg_b, s_lseg_h, dk_ptr, s_dkb, s_dkl, s_dkh, s_dkd, dv_ptr, s_dvb, s_dvl, s_dvh, s_dvd, k_ptr,
     s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr,
-    s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b,
+    s_bias_h, wk_ptr, rrr_ptr, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
+    qrank_ptr, s_qrank_b,
     krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b,
     s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H,
     Lq, Lk, M, R, P, D, HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
@@ -575,7 +596,8 @@ def _dkdv_kernel(
         dk, dv = _kv_rows(
             dk, dv, k, v, n0, b, h, m_blk, 0, 0, q_ptr, s_qb, s_ql, s_qh, s_qd, doh_ptr, s_dohb, s_dohl, s_dohh,
             s_dohd, lseh_ptr, deltah_ptr, s_lseh_b, s_lseh_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh,
-            s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr,
+            s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, wk_ptr, rrr_ptr, se_ptr, s_se_s,
+            s_se_h, sorted_ptr,
             s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b,
             s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr,
             s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D,
@@ -587,7 +609,8 @@ def _dkdv_kernel(
             dk, dv, k, v, n0, b, h, tl.load(chunks_ptr + c * 4 + 1), tl.load(chunks_ptr + c * 4 + 2),
             tl.load(chunks_ptr + c * 4 + 3), qg_ptr, s_gb, s_gl, s_gh, s_gd, dog_ptr, s_dogb, s_dogl, s_dogh, s_dogd,
             lseg_ptr, deltag_ptr, s_lseg_b, s_lseg_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd,
-            r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr,
+            r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, wk_ptr, rrr_ptr, se_ptr, s_se_s, s_se_h,
+            sorted_ptr,
             s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b,
             s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr,
             s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D,
@@ -613,7 +636,8 @@ def _dkdv_kernel(
 def _dr_rows(
     dr, dt, rband, diag, b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, do_ptr, s_dob, s_dol, s_doh,
     s_dod, lse_ptr, delta_ptr, s_lse_b, s_lse_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr,
-    s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b,
+    s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, wk_ptr, rrr_ptr, se_ptr, s_se_s, s_se_h, sorted_ptr,
+    s_sorted_b,
     tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr,
     s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k,
     t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT: tl.constexpr,
@@ -625,7 +649,8 @@ def _dr_rows(
     rows, pos, row_ok, drop_off, xq, rw, rr, e0, e1, qrank_row, segq_row, do, lse, delta = _bwd_rows_setup(
         b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, do_ptr, s_dob, s_dol, s_doh, s_dod, lse_ptr,
         delta_ptr, s_lse_b, s_lse_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr,
-        s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr,
+        s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, wk_ptr, rrr_ptr, se_ptr, s_se_s, s_se_h, sorted_ptr,
+        s_sorted_b, tpos_ptr,
         s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b,
         segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr,
         s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT, ROWS, HAS_RANK, HAS_DENSE,
@@ -637,7 +662,8 @@ def _dr_rows(
     pd, ds, differ = _bwd_tile(
         xq, rw, rr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do, lse, delta, drop_off, n0, m0, b, h,
         k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr,
-        rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr,
+        rs_ptr, s_bias_h, wk_ptr, rrr_ptr, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b,
+        s_tpos_p, qrank_ptr,
         s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr,
         s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p,
         scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5,
@@ -655,7 +681,8 @@ def _dr_kernel(
     chunks_ptr, chunk_ptr_ptr, n_mb, n_nb, q_ptr, s_qb, s_ql, s_qh, s_qd, doh_ptr, s_dohb, s_dohl, s_dohh, s_dohd,
     lseh_ptr, deltah_ptr, s_lseh_b, s_lseh_h, qg_ptr, s_gb, s_gl, s_gh, s_gd, dog_ptr, s_dogb, s_dogl, s_dogh, s_dogd,
     lseg_ptr, deltag_ptr, s_lseg_b, s_lseg_h, dr_part_ptr, dt_part_ptr, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb,
-    s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h,
+    s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, wk_ptr, rrr_ptr, se_ptr,
+    s_se_s, s_se_h,
     sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr,
     s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr,
     s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D,
@@ -676,7 +703,8 @@ def _dr_kernel(
         dr, dt = _dr_rows(
             dr, dt, rband, diag, b, h, m_blk, 0, 0, q_ptr, s_qb, s_ql, s_qh, s_qd, doh_ptr, s_dohb, s_dohl, s_dohh,
             s_dohd, lseh_ptr, deltah_ptr, s_lseh_b, s_lseh_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh,
-            s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr,
+            s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, wk_ptr, rrr_ptr, se_ptr, s_se_s,
+            s_se_h, sorted_ptr,
             s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b,
             s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr,
             s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D,
@@ -690,7 +718,8 @@ def _dr_kernel(
                 dr, dt, rband, diag, b, h, m_blk, tl.load(chunks_ptr + c * 4 + 2), tl.load(chunks_ptr + c * 4 + 3),
                 qg_ptr, s_gb, s_gl, s_gh, s_gd, dog_ptr, s_dogb, s_dogl, s_dogh, s_dogd, lseg_ptr, deltag_ptr,
                 s_lseg_b, s_lseg_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr,
-                s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b,
+                s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, wk_ptr, rrr_ptr, se_ptr, s_se_s, s_se_h, sorted_ptr,
+                s_sorted_b,
                 tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l,
                 segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b,
                 s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, False,
@@ -709,7 +738,8 @@ def _fwd_kernel(
     chunks_ptr, n_content, n_mb, q_ptr, s_qb, s_ql, s_qh, s_qd, qg_ptr, s_gb, s_gl, s_gh, s_gd, oh_ptr, s_ohb, s_ohl,
     s_ohh, s_ohd, og_ptr, s_ogb, s_ogl, s_ogh, s_ogd, lseh_ptr, s_lseh_b, s_lseh_h, lseg_ptr, s_lseg_b, s_lseg_h,
     k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr,
-    rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr,
+    rs_ptr, s_bias_h, wk_ptr, rrr_ptr, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
+    qrank_ptr,
     s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr,
     s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p,
     scale, B, H, Lq, Lk, M, R, P, D, HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -723,7 +753,8 @@ def _fwd_kernel(
         _fwd_rows(
             pid // n_mb, h, pid % n_mb, 0, 0, q_ptr, s_qb, s_ql, s_qh, s_qd, oh_ptr, s_ohb, s_ohl, s_ohh, s_ohd,
             lseh_ptr, s_lseh_b, s_lseh_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb,
-            s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b,
+            s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, wk_ptr, rrr_ptr, se_ptr, s_se_s, s_se_h, sorted_ptr,
+            s_sorted_b,
             tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l,
             segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b,
             s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, True, BM,
@@ -735,7 +766,8 @@ def _fwd_kernel(
         _fwd_rows(
             tl.load(c), h, tl.load(c + 1), tl.load(c + 2), tl.load(c + 3), qg_ptr, s_gb, s_gl, s_gh, s_gd,
             og_ptr, s_ogb, s_ogl, s_ogh, s_ogd, lseg_ptr, s_lseg_b, s_lseg_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr,
-            s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, se_ptr, s_se_s,
+            s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, wk_ptr, rrr_ptr,
+            se_ptr, s_se_s,
             s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b,
             kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k,
             segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M,
@@ -825,7 +857,10 @@ class _Launch:
         self.n_mb = triton.cdiv(Lq, self.BM)
         dummy = q
         r4 = r if r.dim() == 4 else r.unsqueeze(0).expand(B, *r.shape)
-        self.r4 = r4
+        # r_w_bias . k_j and r_r_bias . r_t once per key / r row (fp32, O(B*H*L)): tiles then add a
+        # vector instead of reducing a [keys, D] product each (register pressure on the GPU).
+        self.w_k = torch.einsum("bjhd,hd->bhj", k.float(), r_w_bias.float()).contiguous()
+        self.r_r = torch.einsum("bthd,hd->bht", r4.float(), r_r_bias.float()).contiguous()
         if q_g is not None:
             self.sorted_rows, self.chunks, self.chunk_ptr, self.n_chunks = _query_chunks(
                 target_pos, P, self.BM, self.BQ, q.device
@@ -842,7 +877,8 @@ class _Launch:
         has_seg = r_s_bias is not None
         self.common = (
             k, *k.stride(), v, *v.stride(), r4, *r4.stride(), r_w_bias, r_r_bias, or_dummy(r_s_bias),
-            r_w_bias.stride(0), or_dummy(seg_embed), *(seg_embed.stride()[:2] if has_seg else (0, 0)),
+            r_w_bias.stride(0), self.w_k, self.r_r, or_dummy(seg_embed),
+            *(seg_embed.stride()[:2] if has_seg else (0, 0)),
             self.sorted_rows, self.sorted_rows.stride(0), or_dummy(target_pos),
             *(target_pos.stride() if target_pos is not None else (0, 0)), or_dummy(aux["q_rank"]),
             _strides(aux["q_rank"], 2)[0], or_dummy(aux["k_rank"]), _strides(aux["k_rank"], 2)[0], or_dummy(kpm),
