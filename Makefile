@@ -23,7 +23,7 @@ install: $(if $(VIRTUAL_ENV),,$(VENV)/bin/python)
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
 
 test: install
-	@# Triton kernels run on the CPU interpreter here; on a GPU machine unset it to test the compiled kernels.
+	@# Triton kernels run on the CPU interpreter by default; on a GPU machine `TRITON_INTERPRET=0 make test` tests the compiled kernels.
 	TRITON_INTERPRET=$${TRITON_INTERPRET-1} $(PY) -m pytest tests -q
 
 bench: install
