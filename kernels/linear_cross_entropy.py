@@ -27,34 +27,20 @@ logit gradient.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .utils import FLOAT_DTYPES as _FLOATS
+from .utils import TL_DTYPE as _TL
+from .utils import cast as _cast
+from .utils import interpreting as _interpreting
 from .utils import new_output
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
 #: Tests may override block sizes / splits here (keys of :func:`_config`'s result) to exercise tilings.
 CONFIG_OVERRIDE: dict = {}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@triton.jit
-def _cast(x, DT: tl.constexpr, INTERP: tl.constexpr):
-    """``x.to(DT)`` rounding to nearest even; the interpreter's own float32 -> bfloat16 cast truncates."""
-    if INTERP and DT == tl.bfloat16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True).to(DT)
-    else:
-        return x.to(DT)
 
 
 @triton.jit

@@ -38,7 +38,6 @@ table with a one-hot matmul. This keeps buckets bit-identical to the reference
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -46,26 +45,23 @@ import triton.language as tl
 
 from pyobjectives.reference.attention import t5_relative_bucket
 
+from .utils import interpreting as _interpreting
 from .utils import new_output
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _row_blocks() -> dict:
     """Row tile sizes. BM (content rows, and the position block that query chunks live in) is fixed
     per call because the host cuts query chunks by it; key tiles (BN) are autotuned."""
-    return dict(BM=16, BQ=16) if _interpret() else dict(BM=64, BQ=16)
+    return dict(BM=16, BQ=16) if _interpreting() else dict(BM=64, BQ=16)
 
 
 def _key_configs():
     """Autotuning space for the key tile on H100/H200; one small config for the interpreter.
     BN <= BM keeps the r band within BAND = 2 * BM rows."""
-    if _interpret():
+    if _interpreting():
         return [triton.Config({"BN": 16}, num_warps=1, num_stages=1)]
     return [triton.Config({"BN": bn}, num_warps=w, num_stages=st) for bn in (32, 64) for w in (4, 8) for st in (1, 2)]
 
@@ -792,7 +788,7 @@ def _dot_precision(dtype):
     """fp32 inputs get exact IEEE products (tf32 would miss the fp32 tolerance); half types use tensor cores."""
     if dtype == torch.float32:
         return "ieee"
-    return "interpret-fp32" if _interpret() and dtype == torch.bfloat16 else "tf32"
+    return "interpret-fp32" if _interpreting() and dtype == torch.bfloat16 else "tf32"
 
 
 def _strides(t, n):
@@ -906,7 +902,7 @@ class _Launch:
 
     def consts_dr(self):
         """The dr kernel walks block diagonals, so its key tile equals the row block (BN = BM)."""
-        return dict(self.consts(), BN=self.BM, num_warps=4 if not _interpret() else 1, num_stages=1)
+        return dict(self.consts(), BN=self.BM, num_warps=4 if not _interpreting() else 1, num_stages=1)
 
 
 def _lse_buffers(B, H, L, device):

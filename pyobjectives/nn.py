@@ -149,7 +149,7 @@ class TwoStreamRelativeAttention(nn.Module):
 
     def forward(self, h, g, attn_mask_h, attn_mask_g, r, seg_mat, mems=None, target_mapping=None,
                 output_attentions=False):
-        Lq, B = h.shape[0], h.shape[1]
+        B = h.shape[1]
         cat = torch.cat([mems, h], dim=0) if mems is not None and mems.dim() > 1 else h
         k_head = self._project(cat, self.k).transpose(0, 1)
         v_head = self._project(cat, self.v).transpose(0, 1)
