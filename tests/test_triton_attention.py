@@ -164,12 +164,13 @@ def arg_type(name, dt):
 features = dict(HAS_RANK=True, HAS_DENSE=True, HAS_KPM=True, CAUSAL=True, SEG_IDS=True, SEG_DENSE=True, HAS_T5=True,
                 HAS_DROPOUT=True, EMPTY_UNIFORM=True)
 failed = []
+BM = A._row_blocks()["BM"]
 for kernel, dt, D, BN, warps, stages in (
-        (A._fwd_kernel, "*bf16", 64, 64, 4, 2), (A._dq_kernel, "*bf16", 64, 32, 4, 2),
-        (A._dkdv_kernel, "*bf16", 64, 32, 4, 2), (A._dr_kernel, "*bf16", 64, 64, 4, 1),
+        (A._fwd_kernel, "*bf16", 64, 32, 8, 2), (A._dq_kernel, "*bf16", 64, 32, 8, 2),
+        (A._dkdv_kernel, "*bf16", 64, 16, 4, 2), (A._dr_kernel, "*bf16", 64, BM, 8, 1),
         (A._fwd_kernel, "*bf16", 128, 32, 8, 2), (A._fwd_kernel, "*fp32", 64, 32, 4, 2)):
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-    consts = dict(features, DOT_PREC="ieee" if dt == "*fp32" else "tf32", BM=64, BN=BN, BD=D, BAND=128, BQ=16)
+    consts = dict(features, DOT_PREC="ieee" if dt == "*fp32" else "tf32", BM=BM, BN=BN, BD=D, BAND=2 * BM, BQ=16)
     signature = {a: ("constexpr" if a in consts else arg_type(a, dt)) for a in fn.arg_names}
     try:
         triton.compile(ASTSource(fn, signature, constexprs=consts), target=GPUTarget("cuda", 90, 32),
