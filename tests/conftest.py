@@ -38,3 +38,13 @@ def assert_policy(name: str, candidate: torch.Tensor, same_dtype_ref: torch.Tens
 def _seed_everything(request):
     # Fresh inputs per test, reproducible per test id.
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Small tensors only: torch's intra-op threads just contend with the interpreter (and with
+    other jobs on a small box), which can make a test 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,14 +24,7 @@ PAD, CLS, SEP, MASK = 0, 1, 2, 3
 SPECIAL = [PAD, CLS, SEP]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small tensors only: torch's intra-op threads just contend with the interpreter (and with
-    other jobs on a small box), which can make a test 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _triton_reasons():

@@ -14,20 +14,13 @@ from pyobjectives.backends import BACKENDS, triton_interpreter_enabled
 
 pytest.importorskip("triton", reason="Triton is not installed: the triton backend cannot run")
 _REASONS = BACKENDS["triton"].op_reasons("rtd_loss")
-pytestmark = pytest.mark.skipif(bool(_REASONS), reason="triton backend unavailable: " + "; ".join(_REASONS))
+pytestmark = [pytest.mark.skipif(bool(_REASONS), reason="triton backend unavailable: " + "; ".join(_REASONS)),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 #: The interpreter runs on CPU tensors; a GPU run (TRITON_INTERPRET=0) uses CUDA tensors.
 DEV = "cpu" if triton_interpreter_enabled() or not torch.cuda.is_available() else "cuda"
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small tensors only: torch's intra-op threads just contend with the interpreter (and with
-    other jobs on a small box), which can make a test 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _lce_module():
