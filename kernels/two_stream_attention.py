@@ -11,14 +11,16 @@ Rows come in *row sets*, each inside one block of ``BM`` query positions
 
 * a content set: the ``BM`` content rows of that block;
 * query chunks: up to ``BQ`` query-stream rows whose ``target_pos`` fall in that
-  block (rows sorted by position on the host, then cut per block).
+  block (rows sorted by position, then cut per block, with tensor ops before launch).
 
 One launch covers both kinds (the program's kind is a runtime branch), so the
 query stream costs its P rows, not Lq. Because every row of a set lies in the
 same position block, a (row set, key block ``[n0, n0 + BN)``) tile needs one
 contiguous band of ``BM + BN - 1`` rows of ``r`` starting at
-``Lq - (m0 + BM - 1) + n0``: ``bd = skew((Q + r_r_bias) @ R_band^T)`` where the
-skew picks column ``(m0 + BM - 1 - pos) + c`` for key ``n0 + c`` (``tl.gather``).
+``Lq - (m0 + BM - 1) + n0``: ``bd = skew(Q @ R_band^T + r_r_bias . R_band)`` where the
+skew picks column ``(m0 + BM - 1 - pos) + c`` for key ``n0 + c`` (``tl.gather``). The
+bias products ``r_w_bias . k_j`` and ``r_r_bias . r_t`` are precomputed in fp32 per key
+and per r row, so ``q + bias`` is never rounded to half precision.
 
 Backward: ``delta = rowsum(dO * O)`` on the host, then three kernels that each
 recompute P: dq (per row set, also dq's content / position parts for the bias
