@@ -196,3 +196,22 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     proc = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=dict(os.environ, TRITON_INTERPRET="0"),
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+@pytest.mark.parametrize("BM,BQ", [(16, 16), (32, 16), (64, 16)])
+def test_query_chunks_cover_every_row_once(BM, BQ):
+    """Chunks (built with tensor ops) hold each valid query row exactly once, inside one BM position
+    block, at most BQ rows each, grouped by batch in position order."""
+    from pyobjectives.kernels.two_stream_attention import _query_chunks
+    for _ in range(50):
+        B, Lq, P = (int(torch.randint(1, n, ())) for n in (4, 100, 120))
+        target_pos = torch.randint(-1, Lq, (B, P))
+        order, chunks, chunk_ptr, n = _query_chunks(target_pos, Lq, BM, BQ)
+        seen = torch.zeros(B, P, dtype=torch.long)
+        for i, (b, m, start, count) in enumerate(chunks[:n].tolist()):
+            assert chunk_ptr[b] <= i < chunk_ptr[b + 1] and 0 < count <= BQ
+            rows = order[b, start:start + count].long()
+            pos = target_pos[b, rows]
+            assert ((pos // BM) == m).all() and (pos.diff() >= 0).all()
+            seen[b, rows] += 1
+        assert torch.equal(seen, (target_pos >= 0).long())
