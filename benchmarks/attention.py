@@ -31,7 +31,7 @@ import torch
 from pyobjectives import functional, reference
 from pyobjectives.data import ranks_to_dense_mask
 
-from .common import Case, Provider, backend_providers, generator, n_rotations, randn, tensor_bytes
+from .common import Case, Provider, backend_providers, generator, randn, rotated_input_sets, tensor_bytes
 
 OP = "two_stream_attention"
 TITLE = "two-stream attention"
@@ -272,11 +272,15 @@ def _flex_provider(case: Case, cfg: dict, scale: float) -> Provider:
 def make_case(cfg: dict, device: str, profile: str) -> Case:
     B, L, M, H, D, P = dims(cfg)
     Lk = M + L
-    first = _input_set(cfg, device, seed=1000)
+    int_inputs = ("target_pos", "q_rank", "k_rank", "seg_q", "seg_k")
+
+    def set_bytes(one):
+        return tensor_bytes([one[n] for n in FLOAT_INPUTS + int_inputs]) + tensor_bytes(one["hf"].values())
+
+    sets = rotated_input_sets(_input_set, cfg, device, seed=1000, set_bytes=set_bytes)
+    first = sets[0]
     floats = [first[n] for n in FLOAT_INPUTS]
-    ints = [first[n] for n in ("target_pos", "q_rank", "k_rank", "seg_q", "seg_k")]
-    set_bytes = tensor_bytes(floats) + tensor_bytes(ints) + tensor_bytes(first["hf"].values())
-    sets = [first] + [_input_set(cfg, device, seed=1000 + i) for i in range(1, n_rotations(set_bytes, device))]
+    ints = [first[n] for n in int_inputs]
     g = generator(7)
     dt = getattr(torch, cfg["dtype"])
     gouts = [[randn(B, L, H, D, gen=g, dtype=dt, device=device), randn(B, P, H, D, gen=g, dtype=dt, device=device)]

@@ -137,6 +137,14 @@ def n_rotations(set_bytes: float, device: str, max_sets: int | None = None) -> i
     return max(1, min(n, int(budget // max(set_bytes, 1))))
 
 
+def rotated_input_sets(make_set, cfg: dict, device: str, seed: int, set_bytes=None) -> list:
+    """Input sets ``make_set(cfg, device, seed=seed + i)``, as many as :func:`n_rotations` asks for;
+    ``set_bytes(first_set)`` sizes one set (default: all tensors of a flat dict)."""
+    first = make_set(cfg, device, seed=seed)
+    size = set_bytes(first) if set_bytes else tensor_bytes(first.values())
+    return [first] + [make_set(cfg, device, seed=seed + i) for i in range(1, n_rotations(size, device))]
+
+
 def last_level_cache_bytes(device: str) -> int:
     if device == "cuda":
         return int(getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20))

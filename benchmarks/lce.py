@@ -24,7 +24,7 @@ import torch
 from pyobjectives import functional
 from pyobjectives.reference.electra import gumbel_noise
 
-from .common import Case, Provider, backend_providers, generator, n_rotations, randn, tensor_bytes
+from .common import Case, Provider, backend_providers, generator, randn, rotated_input_sets
 
 OP = "linear_cross_entropy"
 TITLE = "linear + cross-entropy (+ sampling)"
@@ -132,9 +132,8 @@ def _chunked_oracle(dtype: torch.dtype, sample: bool):
 
 
 def make_case(cfg: dict, device: str, profile: str) -> Case:
-    first = _input_set(cfg, device, seed=3000)
-    set_bytes = tensor_bytes(first.values())
-    sets = [first] + [_input_set(cfg, device, seed=3000 + i) for i in range(1, n_rotations(set_bytes, device))]
+    sets = rotated_input_sets(_input_set, cfg, device, seed=3000)
+    first = sets[0]
     g = generator(9)
     dt = getattr(torch, cfg["dtype"])
     gouts = [[randn((), gen=g, dtype=dt, device=device), None] for _ in sets]

@@ -20,7 +20,7 @@ import torch
 
 from pyobjectives import functional, reference
 
-from .common import Case, Provider, backend_providers, generator, n_rotations, randn, tensor_bytes
+from .common import Case, Provider, backend_providers, generator, randn, rotated_input_sets
 
 OP = "rtd_loss"
 TITLE = "RTD loss (fused head)"
@@ -107,9 +107,8 @@ def _oracle(dtype):
 
 
 def make_case(cfg: dict, device: str, profile: str) -> Case:
-    first = _input_set(cfg, device, seed=2000)
-    set_bytes = tensor_bytes(first.values())
-    sets = [first] + [_input_set(cfg, device, seed=2000 + i) for i in range(1, n_rotations(set_bytes, device))]
+    sets = rotated_input_sets(_input_set, cfg, device, seed=2000)
+    first = sets[0]
     g = generator(8)
     dt = getattr(torch, cfg["dtype"])
     gouts = [[randn((), gen=g, dtype=dt, device=device)] for _ in sets]
