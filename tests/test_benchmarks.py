@@ -116,15 +116,21 @@ def test_report_regenerates_markdown_and_plots(tiny_run, tmp_path):
     assert (tmp_path / "t.md").exists() and (tmp_path / "t_rtd_loss.png").read_bytes()[:8] == PNG_MAGIC
 
 
-def test_new_backend_is_picked_up_without_edits(tmp_path, monkeypatch):
-    """A backend that gains an implementation (here: 'cpu' for rtd_loss) is benchmarked with no suite change."""
-    monkeypatch.setitem(BACKENDS["cpu"].__dict__, "unavailable_reasons", [])
-    monkeypatch.setitem(BACKENDS["cpu"].ops, "rtd_loss", OpImpl(lambda: reference.rtd_loss))
+def _run_rtd_with(tmp_path, monkeypatch, backend):
+    """The rtd benchmark with ``backend`` given the reference's rtd_loss as its implementation."""
+    monkeypatch.setitem(BACKENDS[backend].ops, "rtd_loss", OpImpl(lambda: reference.rtd_loss))
     backends._load.cache_clear()
     try:
         code, _, rows = _run(tmp_path, "--ops", "rtd", "--no-memory", "--no-plots")
     finally:
         backends._load.cache_clear()
+    return code, rows
+
+
+def test_new_backend_is_picked_up_without_edits(tmp_path, monkeypatch):
+    """A backend that gains an implementation (here: 'cpu' for rtd_loss) is benchmarked with no suite change."""
+    monkeypatch.setitem(BACKENDS["cpu"].__dict__, "unavailable_reasons", [])
+    code, rows = _run_rtd_with(tmp_path, monkeypatch, "cpu")
     assert code == 0
     cpu_rows = [r for r in rows if r["provider"] == "cpu"]
     assert cpu_rows and all(r["status"] == "ok" and r["ms"] > 0 and r["speedup_vs_ref"] for r in cpu_rows)
@@ -133,12 +139,7 @@ def test_new_backend_is_picked_up_without_edits(tmp_path, monkeypatch):
 @pytest.mark.skipif(not backends.triton_interpreter_enabled(), reason="needs TRITON_INTERPRET=1")
 def test_interpreter_is_checked_never_timed(tmp_path, monkeypatch):
     pytest.importorskip("triton")
-    monkeypatch.setitem(BACKENDS["triton"].ops, "rtd_loss", OpImpl(lambda: reference.rtd_loss))
-    backends._load.cache_clear()
-    try:
-        code, _, rows = _run(tmp_path, "--ops", "rtd", "--no-memory", "--no-plots")
-    finally:
-        backends._load.cache_clear()
+    code, rows = _run_rtd_with(tmp_path, monkeypatch, "triton")
     assert code == 0
     triton_rows = [r for r in rows if r["provider"] == "triton"]
     assert triton_rows and all(r["ms"] is None for r in triton_rows)
