@@ -113,10 +113,10 @@ def _triton_device_reasons(inputs: Mapping[str, Any]) -> Reasons:
 
 
 def extension_module():
-    """The compiled ``pyobjectives._C`` extension, or None when it was not built."""
+    """The compiled ``pyobjectives._C`` extension, or None when it was not built (or does not load)."""
     try:
         return importlib.import_module("pyobjectives._C")
-    except ImportError:
+    except (ImportError, OSError):
         return None
 
 
@@ -134,7 +134,13 @@ def _probe_cuda() -> Reasons:
 
 
 def _probe_cpu() -> Reasons:
-    return [] if extension_module() is not None else [_NOT_BUILT]
+    if extension_module() is None:
+        return [_NOT_BUILT]
+    try:
+        importlib.import_module("pyobjectives.native")
+    except Exception as exc:  # e.g. an extension built against another torch
+        return [f"pyobjectives._C does not load its ops ({type(exc).__name__}: {exc})"]
+    return []
 
 
 def _device_is(kind: str) -> ReasonsFn:
@@ -176,9 +182,24 @@ def _register_triton_kernels() -> None:
             not_supported_reasons=lambda inputs, module=module: importlib.import_module(module).not_supported_reasons(inputs))
 
 
+def _register_native(backend: str) -> None:
+    """The compiled backends run the ops of ``pyobjectives._C`` through :mod:`pyobjectives.native`,
+    which is imported only after the backend's probe found the extension."""
+    def loader(op):
+        return lambda: getattr(importlib.import_module("pyobjectives.native"), op)
+
+    def reasons(op):
+        return lambda inputs: getattr(importlib.import_module("pyobjectives.native"),
+                                      f"{'attention' if op == 'two_stream_attention' else op}_not_supported_reasons")(inputs)
+
+    for op in OPS:
+        BACKENDS[backend].register(op, loader=loader(op), not_supported_reasons=reasons(op))
+
+
 for _op in OPS:
     BACKENDS["reference"].register(_op, _load_reference(_op))
 _register_triton_kernels()
+_register_native("cpu")
 
 
 # --- dispatch -------------------------------------------------------------------------

@@ -218,7 +218,7 @@ class ElectraObjective(nn.Module):
                       reduction="mean", sample=True, temperature=self.temperature, seed=seed,
                       disallow=targets if self.disallow_correct else None)
         name, impl = resolve("linear_cross_entropy", self.backend, inputs)
-        if name == "triton":
+        if name in ("triton", "cpu", "cuda"):
             loss, sampled, argmax = impl(**inputs, return_argmax=True)
         else:
             loss, sampled = impl(**inputs)
