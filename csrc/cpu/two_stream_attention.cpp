@@ -94,12 +94,14 @@ struct Scratch {
   std::vector<float> qw, qr, qs, e;     // [rows, D] q + biases; [rows, 2] segment terms
   std::vector<float> s, band;           // [rows, Lk] scores / probabilities; [rows, W] position band
   std::vector<float> o, g, dband, dqw, dqr;  // output rows; backward buffers
+  std::vector<float> keep;              // [Lk] dropout factors of one row
   std::vector<uint8_t> empty;           // [rows] row has no visible key
   Scratch(const AttentionParams& p) {
     const int64_t W = kBlockRows - 1 + p.Lk, n = kBlockRows, D = p.D;
     qw.resize(n * D), qr.resize(n * D), qs.resize(n * D), e.resize(n * 2), o.resize(n * D);
     s.resize(n * std::max<int64_t>(p.Lk, 1)), band.resize(n * W);
     empty.resize(n);
+    if (p.dropout_p > 0.f) keep.resize(std::max<int64_t>(p.Lk, 1));
   }
 };
 
@@ -130,6 +132,61 @@ PO_VECTORIZED float row_max(const float* s, int64_t n) {
   float mx = kNegInf;
 #pragma omp simd reduction(max : mx)
   for (int64_t j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+  return mx;
+}
+
+// Everything that turns row i's ac into its final scores (pointers are null when a feature is off).
+struct RowTerms {
+  const float* bd = nullptr;  // position term, already skewed: bd[j] belongs to key j
+  float scale = 1.f;
+  float e0 = 0.f, e1 = 0.f;   // segment terms (same / different segment)
+  int64_t seg_q = 0;
+  const int64_t* seg_k = nullptr;
+  const uint8_t* seg_diff = nullptr;
+  int64_t seg_diff_stride = 0;
+  const float* t5 = nullptr;  // T5 bias per key
+  int32_t q_rank = 0;
+  const int32_t* k_rank = nullptr;
+  const uint8_t* mask = nullptr;
+  int64_t mask_stride = 0;
+  const uint8_t* key_padding = nullptr;
+  int64_t causal_from = 0;  // keys >= causal_from are hidden
+  int64_t diagonal = -1;    // content rows always see this key
+};
+
+// s = scale * (ac + bd + ef) + t5, masked pairs -inf; returns the row max (-inf: no visible key).
+PO_VECTORIZED float finish_row(float* s, int64_t Lk, const RowTerms& t) {
+  const float scale = t.scale;
+  const float* bd = t.bd;
+  if (t.seg_k != nullptr) {
+    const float e0 = t.e0, e1 = t.e1;
+    const int64_t sq = t.seg_q;
+    const int64_t* sk = t.seg_k;
+    for (int64_t j = 0; j < Lk; ++j) s[j] = (s[j] + bd[j] + (sk[j] != sq ? e1 : e0)) * scale;
+  } else if (t.seg_diff != nullptr) {
+    const float e0 = t.e0, e1 = t.e1;
+    for (int64_t j = 0; j < Lk; ++j) s[j] = (s[j] + bd[j] + (t.seg_diff[j * t.seg_diff_stride] ? e1 : e0)) * scale;
+  } else {
+    for (int64_t j = 0; j < Lk; ++j) s[j] = (s[j] + bd[j]) * scale;
+  }
+  if (t.t5 != nullptr)
+    for (int64_t j = 0; j < Lk; ++j) s[j] += t.t5[j];
+  const bool has_diag = t.diagonal >= 0 && t.diagonal < Lk;
+  const float diag_score = has_diag ? s[t.diagonal] : 0.f;
+  if (t.k_rank != nullptr) {
+    const int32_t qr = t.q_rank;
+    const int32_t* kr = t.k_rank;
+    for (int64_t j = 0; j < Lk; ++j) s[j] = rank_allows(kr[j], qr) ? s[j] : kNegInf;
+  }
+  if (t.mask != nullptr)
+    for (int64_t j = 0; j < Lk; ++j) s[j] = t.mask[j * t.mask_stride] ? kNegInf : s[j];
+  if (t.key_padding != nullptr)
+    for (int64_t j = 0; j < Lk; ++j) s[j] = t.key_padding[j] ? kNegInf : s[j];
+  for (int64_t j = t.causal_from; j < Lk; ++j) s[j] = kNegInf;
+  if (has_diag) s[t.diagonal] = diag_score;
+  float mx = kNegInf;
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < Lk; ++j) mx = s[j] > mx ? s[j] : mx;
   return mx;
 }
 
@@ -183,55 +240,46 @@ PO_VECTORIZED void scores(const AttentionParams& p, const RowSet& set, int64_t b
     if (w.tb - w.t0 < w.W) std::fill(bi + std::max<int64_t>(w.tb - w.t0, 0), bi + w.W, 0.f);
   }
 
-  const float scale = p.scale;
-  const int64_t n_dist = p.Lq + Lk - 1;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t pos = set.pos[i];
-    float* s = S + i * Lk;
-    const float* bd = band + i * w.W + (set.p_hi - pos);
+    RowTerms t;
+    t.bd = band + i * w.W + (set.p_hi - pos);
+    t.scale = p.scale;
     if (seg) {
-      const float e0 = sc.e[2 * i], e1 = sc.e[2 * i + 1];
+      t.e0 = sc.e[2 * i], t.e1 = sc.e[2 * i + 1];
       if (p.seg_q != nullptr) {
-        const int64_t sq = p.seg_q[b * p.Lq + pos];
-        const int64_t* sk = p.seg_k + b * Lk;
-        for (int64_t j = 0; j < Lk; ++j) s[j] = (s[j] + bd[j] + (sk[j] != sq ? e1 : e0)) * scale;
+        t.seg_q = p.seg_q[b * p.Lq + pos];
+        t.seg_k = p.seg_k + b * Lk;
       } else {
-        const uint8_t* sd = p.seg_diff + b * p.segd_s0 + pos * p.segd_s1;
-        for (int64_t j = 0; j < Lk; ++j) s[j] = (s[j] + bd[j] + (sd[j * p.segd_s2] ? e1 : e0)) * scale;
+        t.seg_diff = p.seg_diff + b * p.segd_s0 + pos * p.segd_s1;
+        t.seg_diff_stride = p.segd_s2;
       }
-    } else {
-      for (int64_t j = 0; j < Lk; ++j) s[j] = (s[j] + bd[j]) * scale;
     }
-    if (p.t5_dist != nullptr) {
-      const float* t5 = p.t5_dist + h * n_dist + (p.Lq - 1 - pos);
-      for (int64_t j = 0; j < Lk; ++j) s[j] += t5[j];
-    }
-    const int64_t diag = p.M + pos;
-    const float diag_score = (set.content && diag < Lk) ? s[diag] : 0.f;
+    if (p.t5_dist != nullptr) t.t5 = p.t5_dist + h * (p.Lq + Lk - 1) + (p.Lq - 1 - pos);
     if (p.q_rank != nullptr) {
-      const int32_t qr = p.q_rank[b * p.Lq + pos];
-      const int32_t* kr = p.k_rank + b * Lk;
-      for (int64_t j = 0; j < Lk; ++j) s[j] = rank_allows(kr[j], qr) ? s[j] : kNegInf;
+      t.q_rank = p.q_rank[b * p.Lq + pos];
+      t.k_rank = p.k_rank + b * Lk;
     }
     if (p.attn_mask != nullptr) {
-      const uint8_t* mk = p.attn_mask + b * p.mask_s0 + pos * p.mask_s1;
-      for (int64_t j = 0; j < Lk; ++j) s[j] = mk[j * p.mask_s2] ? kNegInf : s[j];
+      t.mask = p.attn_mask + b * p.mask_s0 + pos * p.mask_s1;
+      t.mask_stride = p.mask_s2;
     }
-    if (p.key_padding != nullptr) {
-      const uint8_t* kp = p.key_padding + b * Lk;
-      for (int64_t j = 0; j < Lk; ++j) s[j] = kp[j] ? kNegInf : s[j];
-    }
-    if (p.causal)
-      for (int64_t j = std::max<int64_t>(diag + 1, 0); j < Lk; ++j) s[j] = kNegInf;
-    if (set.content && diag < Lk) s[diag] = diag_score;
-    sc.empty[i] = row_max(s, Lk) == kNegInf;
+    if (p.key_padding != nullptr) t.key_padding = p.key_padding + b * Lk;
+    const int64_t diag = p.M + pos;
+    t.causal_from = p.causal ? std::max<int64_t>(diag + 1, 0) : Lk;
+    t.diagonal = set.content ? diag : -1;
+    sc.empty[i] = finish_row(S + i * Lk, Lk, t) == kNegInf;
   }
 }
 
-// Dropout keep-scale of row i's probabilities, applied in place: p_j * keep_j / (1 - dropout_p).
-PO_VECTORIZED void dropout_row(float* x, int64_t Lk, PhiloxKey key, uint64_t offset, float dropout_p) {
+// Dropout factors of one row: keep_j / (1 - dropout_p), with the reference's Philox offsets.
+PO_VECTORIZED void dropout_factors(float* f, int64_t Lk, PhiloxKey key, uint64_t offset, float dropout_p) {
   const float inv_keep = 1.f / (1.f - dropout_p);
-  for (int64_t j = 0; j < Lk; ++j) x[j] = philox_uniform(key, offset + uint64_t(j)) >= dropout_p ? x[j] * inv_keep : 0.f;
+  for (int64_t j = 0; j < Lk; ++j) f[j] = philox_uniform(key, offset + uint64_t(j)) >= dropout_p ? inv_keep : 0.f;
+}
+
+PO_VECTORIZED void multiply_row(float* x, const float* f, int64_t Lk) {
+  for (int64_t j = 0; j < Lk; ++j) x[j] *= f[j];
 }
 
 uint64_t dropout_offset(const AttentionParams& p, const RowSet& set, int64_t b, int64_t h, int64_t i) {
@@ -294,7 +342,10 @@ void forward_impl(const AttentionParams& p, const AttentionForward& f) {
             scale_row(s, Lk, 1.f / sum);
             lse[set.row[i]] = mx + std::log(sum);
           }
-          if (p.dropout_p > 0.f) dropout_row(s, Lk, key, dropout_offset(p, set, b, h, i), p.dropout_p);
+          if (p.dropout_p > 0.f) {
+            dropout_factors(sc.keep.data(), Lk, key, dropout_offset(p, set, b, h, i), p.dropout_p);
+            multiply_row(s, sc.keep.data(), Lk);
+          }
         }
         gemm(false, false, set.count, D, Lk, 1.f, sc.s.data(), Lk, op.v.p, op.v.ld, 0.f, sc.o.data(), D);
         store_rows<T>(set.content ? f.out_h : f.out_g, set, b, h, sc.o.data(), D);
@@ -312,26 +363,57 @@ void load_rows(const Strided4& t, const RowSet& set, int64_t b, int64_t h, int64
 }
 
 // dS = P * (dP - delta) in g (dP arrives as dO V^T), the dropped probabilities P_d in s.
-PO_VECTORIZED void softmax_grad_row(float* s, float* g, int64_t Lk, float lse, float delta, bool dropout, PhiloxKey key,
-                                    uint64_t offset, float dropout_p) {
-  const float inv_keep = dropout ? 1.f / (1.f - dropout_p) : 1.f;
-  for (int64_t j = 0; j < Lk; ++j) {
-    const float prob = fast_exp(s[j] - lse);
-    const float keep = dropout ? (philox_uniform(key, offset + uint64_t(j)) >= dropout_p ? inv_keep : 0.f) : 1.f;
-    g[j] = prob * (g[j] * keep - delta);
-    s[j] = prob * keep;
+// keep: dropout factors or nullptr; prob: nullptr = exp(s - lse), else the uniform 1 / Lk (HF's empty rows).
+PO_VECTORIZED void softmax_grad_row(float* s, float* g, int64_t Lk, float lse, float delta, const float* keep) {
+  if (keep == nullptr) {
+    for (int64_t j = 0; j < Lk; ++j) {
+      const float prob = fast_exp(s[j] - lse);
+      g[j] = prob * (g[j] - delta);
+      s[j] = prob;
+    }
+  } else {
+    for (int64_t j = 0; j < Lk; ++j) {
+      const float prob = fast_exp(s[j] - lse);
+      g[j] = prob * (g[j] * keep[j] - delta);
+      s[j] = prob * keep[j];
+    }
   }
 }
 
-PO_VECTORIZED void uniform_grad_row(float* s, float* g, int64_t Lk, float delta, bool dropout, PhiloxKey key,
-                                    uint64_t offset, float dropout_p) {
+PO_VECTORIZED void uniform_grad_row(float* s, float* g, int64_t Lk, float delta, const float* keep) {
   const float prob = 1.f / float(Lk);
-  const float inv_keep = dropout ? 1.f / (1.f - dropout_p) : 1.f;
   for (int64_t j = 0; j < Lk; ++j) {
-    const float keep = dropout ? (philox_uniform(key, offset + uint64_t(j)) >= dropout_p ? inv_keep : 0.f) : 1.f;
-    g[j] = prob * (g[j] * keep - delta);
-    s[j] = prob * keep;
+    const float k = keep == nullptr ? 1.f : keep[j];
+    g[j] = prob * (g[j] * k - delta);
+    s[j] = prob * k;
   }
+}
+
+// Sums of dS over keys in the same / a different segment (for ef's gradient).
+PO_VECTORIZED void segment_sums(const float* g, int64_t Lk, const RowTerms& t, float* same_out, float* differ_out) {
+  float same = 0.f, differ = 0.f;
+  if (t.seg_k != nullptr) {
+    const int64_t sq = t.seg_q;
+#pragma omp simd reduction(+ : same, differ)
+    for (int64_t j = 0; j < Lk; ++j) {
+      const bool d = t.seg_k[j] != sq;
+      differ += d ? g[j] : 0.f;
+      same += d ? 0.f : g[j];
+    }
+  } else {
+#pragma omp simd reduction(+ : same, differ)
+    for (int64_t j = 0; j < Lk; ++j) {
+      const bool d = t.seg_diff[j * t.seg_diff_stride] != 0;
+      differ += d ? g[j] : 0.f;
+      same += d ? 0.f : g[j];
+    }
+  }
+  *same_out = same;
+  *differ_out = differ;
+}
+
+PO_VECTORIZED void add_row(float* dst, const float* src, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] += src[j];
 }
 
 struct HeadGrads {
@@ -365,11 +447,15 @@ void backward_rows(const AttentionParams& p, const AttentionBackward& g, const R
   for (int64_t i = 0; i < n; ++i) {
     float* s = S + i * Lk;
     float* gi = G + i * Lk;
-    const uint64_t off = dropout ? dropout_offset(p, set, b, h, i) : 0;
+    const float* keep = nullptr;
+    if (dropout && (!sc.empty[i] || p.empty_uniform)) {
+      dropout_factors(sc.keep.data(), Lk, key, dropout_offset(p, set, b, h, i), p.dropout_p);
+      keep = sc.keep.data();
+    }
     if (!sc.empty[i]) {
-      softmax_grad_row(s, gi, Lk, lse[set.row[i]], delta[i], dropout, key, off, p.dropout_p);
+      softmax_grad_row(s, gi, Lk, lse[set.row[i]], delta[i], keep);
     } else if (p.empty_uniform) {
-      uniform_grad_row(s, gi, Lk, delta[i], dropout, key, off, p.dropout_p);
+      uniform_grad_row(s, gi, Lk, delta[i], keep);
     } else {
       std::fill(s, s + Lk, 0.f);
       std::fill(gi, gi + Lk, 0.f);
@@ -380,34 +466,21 @@ void backward_rows(const AttentionParams& p, const AttentionBackward& g, const R
   // T5 (unscaled), segment terms, then the scale of ac + bd + ef
   const bool seg = p.has_segments();
   float de[2 * kBlockRows];
-  const int64_t n_dist = p.Lq + Lk - 1;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t pos = set.pos[i];
     float* gi = G + i * Lk;
-    if (hg.dt5 != nullptr) {
-      float* t5 = hg.dt5 + (p.Lq - 1 - pos);
-      for (int64_t j = 0; j < Lk; ++j) t5[j] += gi[j];
-    }
+    if (hg.dt5 != nullptr) add_row(hg.dt5 + (p.Lq - 1 - pos), gi, Lk);
     if (seg) {
-      float same = 0.f, differ = 0.f;
+      RowTerms t;
       if (p.seg_q != nullptr) {
-        const int64_t sq = p.seg_q[b * p.Lq + pos];
-        const int64_t* sk = p.seg_k + b * Lk;
-#pragma omp simd reduction(+ : same, differ)
-        for (int64_t j = 0; j < Lk; ++j) {
-          const bool d = sk[j] != sq;
-          differ += d ? gi[j] : 0.f;
-          same += d ? 0.f : gi[j];
-        }
+        t.seg_q = p.seg_q[b * p.Lq + pos];
+        t.seg_k = p.seg_k + b * Lk;
       } else {
-        const uint8_t* sd = p.seg_diff + b * p.segd_s0 + pos * p.segd_s1;
-#pragma omp simd reduction(+ : same, differ)
-        for (int64_t j = 0; j < Lk; ++j) {
-          const bool d = sd[j * p.segd_s2] != 0;
-          differ += d ? gi[j] : 0.f;
-          same += d ? 0.f : gi[j];
-        }
+        t.seg_diff = p.seg_diff + b * p.segd_s0 + pos * p.segd_s1;
+        t.seg_diff_stride = p.segd_s2;
       }
+      float same, differ;
+      segment_sums(gi, Lk, t, &same, &differ);
       de[2 * i] = same * p.scale;
       de[2 * i + 1] = differ * p.scale;
     }
