@@ -32,16 +32,19 @@ def extensions():
     force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
     with_cuda = bool(cu) and not skip_cuda and CUDA_HOME is not None and torch.version.cuda is not None and (
         force_cuda or torch.cuda.is_available())
-    # -fopenmp-simd: `#pragma omp simd reduction` vectorizes the kernels' row reductions (no OpenMP runtime)
-    cxx = ["-O3", "-fopenmp-simd"]
+    # -fopenmp: ATen's parallel_for is an inline OpenMP loop (without it the kernels run on one thread);
+    # it also enables the kernels' `#pragma omp simd reduction` row reductions.
+    cxx = ["-O3", "-fopenmp"]
+    link = ["-fopenmp"]
     include_dirs = [os.path.join(HERE, "csrc", "include"), os.path.join(HERE, "csrc")]
     if with_cuda:
         ext = CUDAExtension("pyobjectives._C", cpp + cu, define_macros=[("PYOBJECTIVES_WITH_CUDA", None)],
-                            include_dirs=include_dirs,
+                            include_dirs=include_dirs, extra_link_args=link,
                             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math",
                                                                       "-lineinfo"]})
     else:
-        ext = CppExtension("pyobjectives._C", cpp, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("pyobjectives._C", cpp, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
+                           extra_link_args=link)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

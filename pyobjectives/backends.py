@@ -7,13 +7,15 @@ reports that reason. ``backend="auto"`` takes the first capable backend in
 :data:`PRIORITY` and always ends at the reference; an explicitly named backend
 never falls back: it raises :class:`BackendUnavailableError` with the reasons.
 
-Importing this module imports neither Triton nor the compiled extension; both
-are probed lazily, on the first dispatch or ``python -m pyobjectives info``.
+Importing this module never imports Triton (it is probed lazily, on the first
+dispatch or ``python -m pyobjectives info``). The compiled extension, when built,
+is loaded at import (a small shared library registering its ops), so that
+dispatch under ``torch.compile`` needs no import: everything :func:`resolve`
+runs while being traced is plain Python over tensor metadata.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
@@ -41,6 +43,7 @@ class OpImpl:
 
     loader: Callable[[], Callable[..., Any]]
     not_supported_reasons: ReasonsFn = lambda inputs: []
+    loaded: Callable[..., Any] | None = None
 
 
 @dataclass
@@ -53,9 +56,14 @@ class Backend:
     common_reasons: ReasonsFn = lambda inputs: []
     ops: dict = field(default_factory=dict)
 
-    @functools.cached_property
+    #: Probe result, filled on first use (a plain attribute: torch.compile traces through it).
+    probed: Reasons | None = None
+
+    @property
     def unavailable_reasons(self) -> Reasons:
-        return self.probe()
+        if self.probed is None:
+            self.probed = self.probe()
+        return self.probed
 
     def register(self, op: str, loader: Callable[[], Callable[..., Any]], not_supported_reasons: ReasonsFn | None = None):
         if op not in OPS:
@@ -76,12 +84,10 @@ class Backend:
         return self.common_reasons(inputs) + self.ops[op].not_supported_reasons(inputs)
 
     def implementation(self, op: str) -> Callable[..., Any]:
-        return _load(self.name, op)
-
-
-@functools.lru_cache(maxsize=None)
-def _load(backend: str, op: str) -> Callable[..., Any]:
-    return BACKENDS[backend].ops[op].loader()
+        impl = self.ops[op]
+        if impl.loaded is None:
+            impl.loaded = impl.loader()
+        return impl.loaded
 
 
 def _tensors(inputs: Mapping[str, Any]):
@@ -94,12 +100,19 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+#: Whether Triton is installed, looked up without importing it.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def _probe_triton() -> Reasons:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install raising anything
-        return [f"Triton is not importable ({type(exc).__name__}: {exc})"]
+    if not _TRITON_INSTALLED:
+        return ["Triton is not installed"]
+    if not torch.compiler.is_compiling():  # a traced first call cannot import; the kernels' import then reports
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+        except Exception as exc:  # ImportError, or a broken install raising anything
+            return [f"Triton is not importable ({type(exc).__name__}: {exc})"]
     if not triton_interpreter_enabled() and not torch.cuda.is_available():
         return ["no CUDA device, and TRITON_INTERPRET=1 (the CPU interpreter) is not set"]
     return []
@@ -112,35 +125,34 @@ def _triton_device_reasons(inputs: Mapping[str, Any]) -> Reasons:
     return [] if devices <= {"cuda"} else [f"Triton needs CUDA tensors (or TRITON_INTERPRET=1), got {sorted(devices)}"]
 
 
+def _load_native():
+    """``pyobjectives.native`` (the extension's ops with their fake and autograd registrations) and why not."""
+    if importlib.util.find_spec("pyobjectives._C") is None:
+        return None, ("the C++/CUDA extension pyobjectives._C is not built "
+                      "(pip install --no-build-isolation -e . with csrc/ sources present)")
+    try:
+        return importlib.import_module("pyobjectives.native"), None
+    except Exception as exc:  # e.g. an extension built against another torch
+        return None, f"pyobjectives._C does not load ({type(exc).__name__}: {exc})"
+
+
+_NATIVE, _NATIVE_ERROR = _load_native()
+
+
 def extension_module():
     """The compiled ``pyobjectives._C`` extension, or None when it was not built (or does not load)."""
-    try:
-        return importlib.import_module("pyobjectives._C")
-    except (ImportError, OSError):
-        return None
-
-
-_NOT_BUILT = ("the C++/CUDA extension pyobjectives._C is not built "
-              "(pip install --no-build-isolation -e . with csrc/ sources present)")
+    return None if _NATIVE is None else _NATIVE._C
 
 
 def _probe_cuda() -> Reasons:
-    reasons = []
-    if extension_module() is None:
-        reasons.append(_NOT_BUILT)
+    reasons = [] if _NATIVE is not None else [_NATIVE_ERROR]
     if not torch.cuda.is_available():
         reasons.append("torch reports no CUDA device")
     return reasons
 
 
 def _probe_cpu() -> Reasons:
-    if extension_module() is None:
-        return [_NOT_BUILT]
-    try:
-        importlib.import_module("pyobjectives.native")
-    except Exception as exc:  # e.g. an extension built against another torch
-        return [f"pyobjectives._C does not load its ops ({type(exc).__name__}: {exc})"]
-    return []
+    return [] if _NATIVE is not None else [_NATIVE_ERROR]
 
 
 def _device_is(kind: str) -> ReasonsFn:
@@ -183,17 +195,14 @@ def _register_triton_kernels() -> None:
 
 
 def _register_native(backend: str) -> None:
-    """The compiled backends run the ops of ``pyobjectives._C`` through :mod:`pyobjectives.native`,
-    which is imported only after the backend's probe found the extension."""
-    def loader(op):
-        return lambda: getattr(importlib.import_module("pyobjectives.native"), op)
-
-    def reasons(op):
-        return lambda inputs: getattr(importlib.import_module("pyobjectives.native"),
-                                      f"{'attention' if op == 'two_stream_attention' else op}_not_supported_reasons")(inputs)
-
+    """The compiled backends run the ops of ``pyobjectives._C`` through :mod:`pyobjectives.native`."""
+    if _NATIVE is None:
+        for op in OPS:
+            BACKENDS[backend].register(op, loader=lambda: None)
+        return
     for op in OPS:
-        BACKENDS[backend].register(op, loader=loader(op), not_supported_reasons=reasons(op))
+        BACKENDS[backend].register(op, loader=lambda op=op: getattr(_NATIVE, op),
+                                   not_supported_reasons=getattr(_NATIVE, f"{op}_not_supported_reasons"))
 
 
 for _op in OPS:

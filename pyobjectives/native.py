@@ -108,7 +108,7 @@ def two_stream_attention(q, k, v, r, r_w_bias, r_r_bias, *, q_g=None, target_pos
     return out_h, (out_g if q_g is not None else None)
 
 
-def attention_not_supported_reasons(inputs) -> list:
+def two_stream_attention_not_supported_reasons(inputs) -> list:
     q = inputs["q"]
     if q.dtype not in NATIVE_DTYPES:
         return [f"dtype {q.dtype}: the native kernels compute in float32 for float32, bfloat16 and float16 inputs"]
@@ -188,10 +188,10 @@ def rtd_loss(logits_or_hidden, corrupted_ids, original_ids, attention_mask=None,
                                             REDUCTION_CODE[reduction], need_x or per_token_w, need_w)
     if not return_stats:
         return loss
-    return loss, dict(zip(_STAT_NAMES, stats.unbind(0)))
+    return loss, dict(zip(_STAT_NAMES, stats.detach().unbind(0)))  # metrics, not part of the graph
 
 
-def rtd_not_supported_reasons(inputs) -> list:
+def rtd_loss_not_supported_reasons(inputs) -> list:
     x = inputs["logits_or_hidden"]
     if x.dtype not in NATIVE_DTYPES:
         return [f"logits_or_hidden dtype {x.dtype}: the native kernels take float32, bfloat16 and float16"]

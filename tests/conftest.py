@@ -48,3 +48,36 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+#: The fused backends every backend-parametrized test runs on (the reference is the oracle).
+FUSED_BACKENDS = ("triton", "cpu")
+
+
+def backend_reasons(name: str, op: str = "two_stream_attention") -> list:
+    from pyobjectives.backends import BACKENDS
+    return BACKENDS[name].op_reasons(op)
+
+
+def fused_backend_params(op: str = "two_stream_attention"):
+    """``pytest.param`` per fused backend, skipped with the backend's own reasons when it cannot run here."""
+    params = []
+    for name in FUSED_BACKENDS:
+        reasons = backend_reasons(name, op)
+        params.append(pytest.param(name, id=name, marks=pytest.mark.skipif(
+            bool(reasons), reason=f"{name} backend unavailable: " + "; ".join(reasons))))
+    return params
+
+
+def backend_device(backend: str) -> str:
+    """Where a backend's test inputs live: Triton on the GPU unless interpreting, cpu on the CPU."""
+    from pyobjectives.backends import triton_interpreter_enabled
+    if backend == "triton" and torch.cuda.is_available() and not triton_interpreter_enabled():
+        return "cuda"
+    return "cpu"
+
+
+def skip_unsupported_dtype(backend: str, dtype) -> None:
+    if backend == "cpu" and dtype == torch.float64:
+        pytest.skip("the cpu backend computes in float32 for float32 / bfloat16 / float16 inputs; "
+                    "float64 calls go to the reference")

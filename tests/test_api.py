@@ -128,7 +128,6 @@ def test_input_level_reasons_and_env_override(monkeypatch):
     fake = backends.Backend("cuda", "test double", probe=lambda: [], common_reasons=backends._device_is("cuda"))
     fake.register("two_stream_attention", lambda: (lambda **kw: calls.append(kw) or ("fake", None)))
     monkeypatch.setitem(backends.BACKENDS, "cuda", fake)
-    backends._load.cache_clear()
     assert fake.not_supported_reasons("two_stream_attention", args) == ["needs cuda tensors, got ['cpu']"]
     name, _ = backends.resolve("two_stream_attention", "auto", args)
     assert name != "cuda"
@@ -140,7 +139,6 @@ def test_input_level_reasons_and_env_override(monkeypatch):
     monkeypatch.setenv("PYOBJECTIVES_BACKEND", "gpu")
     with pytest.raises(ValueError, match="PYOBJECTIVES_BACKEND must be one of"):
         two_stream_attention(**args, **extra)
-    backends._load.cache_clear()
 
 
 def test_triton_probe_explains_itself(monkeypatch):

@@ -35,8 +35,13 @@ def _triton_reasons():
     return BACKENDS["triton"].op_reasons("linear_cross_entropy") + BACKENDS["triton"].op_reasons("rtd_loss")
 
 
+def _cpu_reasons():
+    return BACKENDS["cpu"].op_reasons("linear_cross_entropy")
+
+
 BACKEND_PARAMS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(
-    bool(_triton_reasons()), reason="triton backend unavailable: " + "; ".join(_triton_reasons())))]
+    bool(_triton_reasons()), reason="triton backend unavailable: " + "; ".join(_triton_reasons()))),
+    pytest.param("cpu", marks=pytest.mark.skipif(bool(_cpu_reasons()), reason="; ".join(_cpu_reasons())))]
 
 
 def hf_pair(V=97, L=24, E=16, Hg=16, Hd=32):
@@ -235,18 +240,20 @@ def train_curve(obj0, data, backend, steps=50):
 
 def test_training_50_steps_loss_decreases_and_backends_agree():
     """50 Adam steps from one initialisation on each backend: the loss goes down (last 10 steps'
-    mean below 80% of the first 10's) and the triton curve equals the reference's within a
+    mean below 80% of the first 10's) and each fused backend's curve equals the reference's within a
     relative 1e-4 per step (same masks, same seeds; only rounding differs)."""
     V, L, B = 40, 16, 8
     gen, disc = hf_pair(V=V, L=L)
     obj0 = ElectraObjective(gen, disc, mask_token_id=MASK, special_token_ids=SPECIAL)
     data = corpus(10, B, L, V)
-    backends = ["reference"] + ([] if _triton_reasons() else ["triton"])
+    fused = ([] if _triton_reasons() else ["triton"]) + ([] if _cpu_reasons() else ["cpu"])
+    backends = ["reference"] + fused
     curves = {backend: train_curve(obj0, data, backend) for backend in backends}
     for backend in backends:
         first, last = curves[backend][:10].mean().item(), curves[backend][-10:].mean().item()
         assert last < 0.8 * first, f"{backend}: loss did not go down ({first:.3f} -> {last:.3f})"
-    if "triton" not in curves:
-        pytest.skip("triton backend unavailable: " + "; ".join(_triton_reasons()))
-    rel = ((curves["triton"] - curves["reference"]).abs() / curves["reference"].abs()).max().item()
-    assert rel <= 1e-4, f"loss curves differ by {rel:.2e} (relative) at some step"
+    if not fused:
+        pytest.skip("no fused backend available: " + "; ".join(_triton_reasons() + _cpu_reasons()))
+    for backend in fused:
+        rel = ((curves[backend] - curves["reference"]).abs() / curves["reference"].abs()).max().item()
+        assert rel <= 1e-4, f"{backend}: loss curves differ by {rel:.2e} (relative) at some step"

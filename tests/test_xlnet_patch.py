@@ -95,7 +95,7 @@ def backend_param(name):
     return pytest.param(name, id=name, marks=pytest.mark.skipif(bool(reasons), reason="; ".join(reasons)))
 
 
-@pytest.mark.parametrize("backend", [backend_param("reference"), backend_param("triton")])
+@pytest.mark.parametrize("backend", [backend_param("reference"), backend_param("triton"), backend_param("cpu")])
 @pytest.mark.parametrize("config_kw,spec", CASES.values(), ids=CASES.keys())
 def test_patched_model_equals_hf(config_kw, spec, backend):
     torch.manual_seed(0)

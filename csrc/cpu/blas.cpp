@@ -9,7 +9,18 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc) __attribute__((weak));
 
+// MKL only: the thread count of BLAS calls made by this thread (0 restores the global setting).
+extern "C" int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
+
 namespace pyobjectives::cpu {
+
+SingleThreadedBlas::SingleThreadedBlas() {
+  if (MKL_Set_Num_Threads_Local != nullptr) previous_ = MKL_Set_Num_Threads_Local(1);
+}
+
+SingleThreadedBlas::~SingleThreadedBlas() {
+  if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous_);
+}
 
 const char* blas_name() { return sgemm_ != nullptr ? "sgemm from torch's BLAS" : "portable loops (no BLAS found)"; }
 

@@ -11,7 +11,7 @@
 
 #include "pyobjectives/params.h"
 
-// Reductions in hot loops carry `#pragma omp simd reduction` (built with -fopenmp-simd): the
+// Reductions in hot loops carry `#pragma omp simd reduction` (built with -fopenmp): the
 // summation order is then fixed per instruction set, so results stay deterministic on a machine.
 // Hot loops are compiled for AVX-512, AVX2+FMA and a baseline; the loader picks one per machine.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -28,6 +28,19 @@ namespace pyobjectives::cpu {
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 const char* blas_name();
+
+// Inside a parallel loop each worker calls BLAS on its own block: keep BLAS from starting threads
+// of its own there (oversubscription), for the lifetime of this guard.
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas();
+  ~SingleThreadedBlas();
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  int previous_ = 0;
+};
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 

@@ -324,6 +324,7 @@ void forward_impl(const AttentionParams& p, const AttentionForward& f) {
   for (int64_t b = 0; b < p.B; ++b) sets[b] = row_sets(p, b);
   const PhiloxKey key = philox_key(p.seed);
   at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas blas_guard;
     Scratch sc(p);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H;
@@ -539,6 +540,7 @@ void backward_impl(const AttentionParams& p, const AttentionBackward& g) {
   const PhiloxKey key = philox_key(p.seed);
   const int64_t Lk = p.Lk, D = p.D, R = p.R, n_dist = p.Lq + p.Lk - 1;
   at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas blas_guard;
     Scratch sc(p);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H;
@@ -557,15 +559,16 @@ void backward_impl(const AttentionParams& p, const AttentionBackward& g) {
   });
 }
 
-// Query-stream rows that belong to no row set (target_pos = -1) get zeros.
+// Query-stream rows that belong to no row set (target_pos = -1) get zeros (and lse = inf, as empty rows).
 template <typename T>
-void zero_padding_rows(const AttentionParams& p, const Strided4& t) {
+void zero_padding_rows(const AttentionParams& p, const Strided4& t, float* lse = nullptr) {
   if (!p.has_query_stream()) return;
   for (int64_t b = 0; b < p.B; ++b)
     for (int64_t i = 0; i < p.P; ++i) {
       const int64_t pos = p.target_pos[b * p.P + i];
       if (pos >= 0 && pos < p.Lq) continue;
       for (int64_t h = 0; h < p.H; ++h) {
+        if (lse != nullptr) lse[(b * p.H + h) * p.P + i] = INFINITY;
         T* row = static_cast<T*>(t.ptr) + b * t.s0 + i * t.s1 + h * t.s2;
         for (int64_t d = 0; d < p.D; ++d) row[d * t.s3] = from_float<T>(0.f);
       }
@@ -578,7 +581,7 @@ void two_stream_attention_forward(const AttentionParams& p, const AttentionForwa
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     forward_impl<T>(p, f);
-    zero_padding_rows<T>(p, f.out_g);
+    zero_padding_rows<T>(p, f.out_g, f.lse_g);
   });
 }
 

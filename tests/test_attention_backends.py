@@ -1,47 +1,50 @@
-"""Triton two-stream attention against the float64 reference (spec tolerance policy), every feature and gradient.
+"""Fused two-stream attention backends (triton, cpu) against the float64 reference (spec tolerance
+policy): every feature, feature combination and gradient, odd sizes, dropout masks, strides.
 
-On this CPU machine the kernels run under TRITON_INTERPRET=1 (set in conftest), so sizes stay small;
-on a GPU run with TRITON_INTERPRET=0 and CUDA inputs the same tests exercise the compiled kernels.
+On this CPU machine the Triton kernels run under TRITON_INTERPRET=1 (set in conftest), so sizes stay
+small; on a GPU run with TRITON_INTERPRET=0 and CUDA inputs the same tests exercise the compiled kernels.
 """
 
 import pytest
 import torch
 
 from attention_inputs import make_inputs
-from conftest import DTYPE_ID, assert_policy
-from pyobjectives import BackendUnavailableError, backends, reference, two_stream_attention
+from conftest import DTYPE_ID, assert_policy, backend_device, backend_reasons, fused_backend_params
+
+from pyobjectives import BackendUnavailableError, reference, two_stream_attention
 from pyobjectives.reference.philox import philox_uniform
 
-pytest.importorskip("triton")
-if backends.BACKENDS["triton"].op_reasons("two_stream_attention"):
-    pytest.skip("triton backend unavailable: " + "; ".join(backends.BACKENDS["triton"].op_reasons(
-        "two_stream_attention")), allow_module_level=True)
-
-DEVICE = "cuda" if backends.triton_interpreter_enabled() is False and torch.cuda.is_available() else "cpu"
+BACKENDS = fused_backend_params()
+requires_triton = pytest.mark.skipif(bool(backend_reasons("triton")), reason="triton backend unavailable: "
+                                     + "; ".join(backend_reasons("triton")))
 GRAD_NAMES = ["q", "k", "v", "r", "r_w_bias", "r_r_bias", "q_g", "r_s_bias", "seg_embed", "t5_bias"]
 
 
-def on_device(d):
-    return {n: (t.to(DEVICE) if isinstance(t, torch.Tensor) else t) for n, t in d.items()}
+def on_device(d, backend):
+    device = backend_device(backend)
+    return {n: (t.to(device) if isinstance(t, torch.Tensor) else t) for n, t in d.items()}
 
 
-def run(backend, x, kw, dtype, **extra):
+def run(backend, x, kw, dtype, device=None, **extra):
     """Outputs and all gradients of one call with inputs cast to ``dtype`` (fixed random output weights)."""
-    leaves = {n: (x[n] if n in x else kw[n]).detach().to(DEVICE, dtype).requires_grad_()
+    device = device or backend_device(backend)
+    leaves = {n: (x[n] if n in x else kw[n]).detach().to(device, dtype).requires_grad_()
               for n in GRAD_NAMES if n in x or n in kw}
-    rest = {n: t for n, t in on_device({**x, **kw}).items() if n not in leaves}
+    rest = {n: (t.to(device) if isinstance(t, torch.Tensor) else t) for n, t in {**x, **kw}.items()
+            if n not in leaves}
     out = two_stream_attention(**leaves, **rest, **extra, backend=backend)
     outs = [o for o in out if o is not None]
     gen = torch.Generator().manual_seed(123)
-    weights = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(DEVICE, o.dtype) for o in outs]
+    weights = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(device, o.dtype) for o in outs]
     torch.autograd.backward([(o * w).sum() for o, w in zip(outs, weights)])
     return outs, {n: t.grad for n, t in leaves.items()}
 
 
-def check_against_reference(x, kw, dtype, **extra):
-    oracle_out, oracle_grads = run("reference", x, kw, torch.float64, **extra)
-    ref_out, ref_grads = run("reference", x, kw, dtype, **extra)
-    out, grads = run("triton", x, kw, dtype, **extra)
+def check_against_reference(backend, x, kw, dtype, **extra):
+    device = backend_device(backend)
+    oracle_out, oracle_grads = run("reference", x, kw, torch.float64, device=device, **extra)
+    ref_out, ref_grads = run("reference", x, kw, dtype, device=device, **extra)
+    out, grads = run(backend, x, kw, dtype, **extra)
     for i, (o, r, w) in enumerate(zip(out, ref_out, oracle_out)):
         assert o.dtype == dtype
         assert_policy(["out_h", "out_g"][i], o, r, w, dtype)
@@ -60,9 +63,10 @@ FEATURES = {
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_ID.get)
 @pytest.mark.parametrize("features", FEATURES.values(), ids=FEATURES.keys())
-def test_features(features, dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_features(backend, features, dtype):
     x, kw = make_inputs(B=2, Lq=21, M=5, H=2, D=16, P=5, features=features)
-    check_against_reference(x, kw, dtype)
+    check_against_reference(backend, x, kw, dtype)
 
 
 @pytest.mark.parametrize("B,Lq,M,H,D,P", [
@@ -71,71 +75,82 @@ def test_features(features, dtype):
     pytest.param(1, 33, 0, 2, 64, 6, id="B1-L33-H2-D64-P6"),
     pytest.param(1, 97, 11, 1, 16, 17, id="B1-L97-M11-H1-D16-P17"),
     pytest.param(2, 9, 0, 1, 16, 14, id="B2-L9-H1-D16-P14-duplicates"),
+    pytest.param(1, 7, 2, 2, 128, 9, id="B1-L7-M2-H2-D128-P9"),
 ])
-def test_odd_sizes(B, Lq, M, H, D, P):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_odd_sizes(backend, B, Lq, M, H, D, P):
     x, kw = make_inputs(B=B, Lq=Lq, M=M, H=H, D=D, P=P, features=("query", "rank", "seg_ids"))
-    check_against_reference(x, kw, torch.float32)
+    check_against_reference(backend, x, kw, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_ID.get)
-def test_per_batch_r_and_short_r(dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_batch_r_and_short_r(backend, dtype):
     x, kw = make_inputs(B=2, Lq=12, M=4, H=2, D=16, P=3, per_batch_r=True, features=("query", "causal"))
-    check_against_reference(x, kw, dtype)
+    check_against_reference(backend, x, kw, dtype)
     # uni-style R = Lk + 1: rows >= R only occur for causally hidden pairs
     x, kw = make_inputs(B=2, Lq=12, M=4, H=2, D=16, P=3, R=17, features=("query", "causal"))
-    check_against_reference(x, kw, dtype)
+    check_against_reference(backend, x, kw, dtype)
 
 
 @pytest.mark.parametrize("empty_rows", ["zero", "uniform"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["nodrop", "drop0.25"])
-def test_empty_rows(empty_rows, dropout_p):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_rows(backend, empty_rows, dropout_p):
     x, kw = make_inputs(B=2, Lq=10, M=2, H=2, D=16, P=4, features=("query", "dense"))
     kw["attn_mask"][0, 3] = True  # content row 3 sees only itself; a query row at 3 sees nothing
     kw["attn_mask"][1] = True  # every query row of batch 1 is empty
     kw["target_pos"][0, 0] = 3
-    check_against_reference(x, kw, torch.float32, empty_rows=empty_rows, dropout_p=dropout_p, seed=99)
+    check_against_reference(backend, x, kw, torch.float32, empty_rows=empty_rows, dropout_p=dropout_p, seed=99)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_ID.get)
-def test_dropout_matches_reference(dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_matches_reference(backend, dtype):
     x, kw = make_inputs(B=2, Lq=19, M=3, H=2, D=16, P=4, features=("query", "rank", "t5"))
-    check_against_reference(x, kw, dtype, dropout_p=0.3, seed=2**40 + 7)
+    check_against_reference(backend, x, kw, dtype, dropout_p=0.3, seed=2**40 + 7)
 
 
-def test_dropout_mask_equals_reference_mask():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_mask_equals_reference_mask(backend):
     """With v = identity the outputs are the dropped probabilities: zeros must sit at the same places."""
     B, Lq, H = 2, 16, 2
     x, kw = make_inputs(B=B, Lq=Lq, H=H, D=Lq, P=3, dtype=torch.float32, features=("query",))
     x["v"] = torch.eye(Lq)[None, :, None, :].expand(B, Lq, H, Lq).contiguous()
-    x, kw = on_device(x), on_device(kw)
+    x, kw = on_device(x, backend), on_device(kw, backend)
     ref = reference.two_stream_attention(**x, **kw, dropout_p=0.5, seed=31)
-    out = two_stream_attention(**x, **kw, dropout_p=0.5, seed=31, backend="triton")
+    out = two_stream_attention(**x, **kw, dropout_p=0.5, seed=31, backend=backend)
     for a, b in zip(out, ref):
         assert torch.equal(a == 0, b == 0)
         torch.testing.assert_close(a, b)
-    keep = philox_uniform(31, torch.arange(B * H * Lq * Lq, device=DEVICE).view(B, H, Lq, Lq)) >= 0.5
+    keep = philox_uniform(31, torch.arange(B * H * Lq * Lq, device=backend_device(backend)).view(B, H, Lq, Lq)) >= 0.5
     assert torch.equal(out[0].permute(0, 2, 1, 3) != 0, keep)
 
 
-def test_strided_time_major_views():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_time_major_views(backend):
     """HF hands time-major [L, B, H, D] tensors: transposed views are read through their strides."""
     x, kw = make_inputs(B=3, Lq=11, M=2, H=2, D=16, P=3, dtype=torch.float32, features=("query", "seg_ids"))
-    x, kw = on_device(x), on_device(kw)
+    x, kw = on_device(x, backend), on_device(kw, backend)
     views = {n: (t.transpose(0, 1).contiguous().transpose(0, 1) if t.dim() == 4 else t) for n, t in x.items()}
-    a = two_stream_attention(**x, **kw, backend="triton")
-    b = two_stream_attention(**views, **kw, backend="triton")
+    a = two_stream_attention(**x, **kw, backend=backend)
+    b = two_stream_attention(**views, **kw, backend=backend)
     torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
     torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
 
 
-def test_unsupported_inputs_give_reasons():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unsupported_inputs_give_reasons(backend):
     x, kw = make_inputs(B=1, Lq=4, H=1, D=8, dtype=torch.float64)
     with pytest.raises(BackendUnavailableError, match="dtype torch.float64"):
-        two_stream_attention(**on_device(x), backend="triton")
+        two_stream_attention(**on_device(x, backend), backend=backend)
+    two_stream_attention(**on_device(x, backend))
+    if backend != "triton":
+        return
     x, kw = make_inputs(B=1, Lq=4, H=1, D=160, dtype=torch.float32)
-    x = on_device(x)
+    x = on_device(x, backend)
     with pytest.raises(BackendUnavailableError, match="head dim 160 > 128"):
-        two_stream_attention(**x, backend="triton")
+        two_stream_attention(**x, backend=backend)
     # auto falls back to the reference for them
     two_stream_attention(**x)
 
@@ -182,6 +197,7 @@ sys.exit(1 if failed else 0)
 '''
 
 
+@requires_triton
 def test_kernels_compile_for_sm90_without_a_gpu():
     """The interpreter does not exercise GPU lowering (layouts, tl.gather, constexpr sizes): compile the four
     kernels with every feature switched on, at the H100 tile sizes, to a cubin for sm_90 with Triton's ptxas."""
@@ -199,6 +215,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
 
 
 @pytest.mark.parametrize("BM,BQ", [(16, 16), (32, 16), (64, 16)])
+@requires_triton
 def test_query_chunks_cover_every_row_once(BM, BQ):
     """Chunks (built with tensor ops) hold each valid query row exactly once, inside one BM position
     block, at most BQ rows each, grouped by batch in position order."""

@@ -1,26 +1,38 @@
-"""Triton ELECTRA kernels (``kernels/rtd_loss.py``, ``kernels/linear_cross_entropy.py``) against the
-float64 reference with the spec's 2x rule, HF / the original ELECTRA formula, and sampling checks.
+"""Fused ELECTRA backends (triton: ``kernels/rtd_loss.py``, ``kernels/linear_cross_entropy.py``; cpu:
+``csrc/cpu/``) against the float64 reference with the spec's 2x rule, HF / the original ELECTRA formula,
+and sampling checks.
 
-Runs on the CPU interpreter (``TRITON_INTERPRET=1``, set by conftest) or on a GPU; outputs are
+Triton runs on the CPU interpreter (``TRITON_INTERPRET=1``, set by conftest) or on a GPU; outputs are
 NaN-poisoned before launch (conftest), so an element a kernel forgets to write fails.
 """
 
 import pytest
 import torch
-from conftest import DTYPE_ID, assert_policy
+from conftest import DTYPE_ID, assert_policy, backend_reasons, fused_backend_params, skip_unsupported_dtype
 
 from pyobjectives import linear_cross_entropy, rtd_loss
-from pyobjectives.backends import BACKENDS, triton_interpreter_enabled
+from pyobjectives.backends import triton_interpreter_enabled
 
-pytest.importorskip("triton", reason="Triton is not installed: the triton backend cannot run")
-_REASONS = BACKENDS["triton"].op_reasons("rtd_loss")
-pytestmark = [pytest.mark.skipif(bool(_REASONS), reason="triton backend unavailable: " + "; ".join(_REASONS)),
-              pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = [pytest.mark.usefixtures("one_torch_thread")]
 
 #: The interpreter runs on CPU tensors; a GPU run (TRITON_INTERPRET=0) uses CUDA tensors.
 DEV = "cpu" if triton_interpreter_enabled() or not torch.cuda.is_available() else "cuda"
+#: The cpu backend takes CPU tensors: on a GPU run these tests exercise triton only.
+BACKENDS = [p for p in fused_backend_params("rtd_loss") if DEV == "cpu" or p.values[0] != "cpu"]
+requires_triton = pytest.mark.skipif(bool(backend_reasons("triton", "rtd_loss")), reason="triton backend unavailable: "
+                                     + "; ".join(backend_reasons("triton", "rtd_loss")))
 
 
+
+
+def exact_dtype(backend):
+    """Comparisons against the same-dtype reference run in float64 where the backend has it."""
+    return torch.float32 if backend == "cpu" else torch.float64
+
+
+def close(backend):
+    """Same-dtype agreement with the reference: float64 to rounding; float32 to a few ulps of sums."""
+    return dict(rtol=1e-12, atol=1e-12) if exact_dtype(backend) == torch.float64 else dict(rtol=2e-5, atol=2e-6)
 
 
 def _lce_module():
@@ -40,9 +52,10 @@ def run(fn, leaves: dict, fixed: dict, dtype, **kw):
     return out, {n: t.grad for n, t in xs.items()}
 
 
-def check_policy(fn, leaves, fixed, dtype, **kw):
-    """Triton vs float64 reference: the 2x rule on the loss and every gradient; returns the three runs."""
-    got, got_g = run(fn, leaves, fixed, dtype, backend="triton", **kw)
+def check_policy(backend, fn, leaves, fixed, dtype, **kw):
+    """Fused backend vs float64 reference: the 2x rule on the loss and every gradient; returns the three runs."""
+    skip_unsupported_dtype(backend, dtype)
+    got, got_g = run(fn, leaves, fixed, dtype, backend=backend, **kw)
     ref, ref_g = run(fn, leaves, fixed, dtype, backend="reference", **kw)
     orc, orc_g = run(fn, leaves, fixed, torch.float64, backend="reference", **kw)
     first = lambda o: o[0] if isinstance(o, tuple) else o  # noqa: E731
@@ -80,23 +93,27 @@ def _rtd_id(case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_ID.get)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("case", RTD_CASES, ids=_rtd_id)
-def test_rtd_policy(case, reduction, dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rtd_policy(backend, case, reduction, dtype):
     leaves, fixed = rtd_inputs(*case)
     # ELECTRA's weight 50 on the mean; the sum / none keep magnitudes where fp32's absolute floor means something
-    check_policy(rtd_loss, leaves, fixed, dtype, reduction=reduction, loss_weight=50.0 if reduction == "mean" else 1.0)
+    check_policy(backend, rtd_loss, leaves, fixed, dtype, reduction=reduction, loss_weight=50.0 if reduction == "mean" else 1.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=DTYPE_ID.get)
 @pytest.mark.parametrize("D", [None, 24], ids=["logits", "head-D24"])
-def test_rtd_policy_fp16_fp64(D, dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rtd_policy_fp16_fp64(backend, D, dtype):
     leaves, fixed = rtd_inputs((4, 29), D)
-    check_policy(rtd_loss, leaves, fixed, dtype)
+    check_policy(backend, rtd_loss, leaves, fixed, dtype)
 
 
 @pytest.mark.parametrize("D", [None, 24], ids=["logits", "head-D24"])
-def test_rtd_stats_equal_reference(D):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rtd_stats_equal_reference(backend, D):
     leaves, fixed = rtd_inputs((5, 41), D)
-    _, got = rtd_loss(**leaves, **fixed, return_stats=True, backend="triton")
+    leaves = {n: t.to(exact_dtype(backend)) for n, t in leaves.items()}
+    _, got = rtd_loss(**leaves, **fixed, return_stats=True, backend=backend)
     _, ref = rtd_loss(**leaves, **fixed, return_stats=True, backend="reference")
     assert set(got) == set(ref) == {"accuracy", "precision", "recall", "replaced", "tokens"}
     for k in ref:
@@ -105,11 +122,12 @@ def test_rtd_stats_equal_reference(D):
 
 
 @pytest.mark.parametrize("D", [None, 24], ids=["logits", "head-D24"])
-def test_rtd_no_real_token_is_zero(D):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rtd_no_real_token_is_zero(backend, D):
     leaves, fixed = rtd_inputs((3, 11), D)
     fixed["attention_mask"] = torch.zeros_like(fixed["attention_mask"])
     for reduction in ("mean", "sum"):
-        out, grads = run(rtd_loss, leaves, fixed, torch.float32, backend="triton", reduction=reduction,
+        out, grads = run(rtd_loss, leaves, fixed, torch.float32, backend=backend, reduction=reduction,
                          return_stats=True)
         loss, stats = out
         assert loss.item() == 0.0
@@ -117,64 +135,72 @@ def test_rtd_no_real_token_is_zero(D):
         assert all(v.item() == 0.0 for v in stats.values())
 
 
-def test_rtd_empty_input():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rtd_empty_input(backend):
     leaves, fixed = rtd_inputs((0, 7), 24)
-    out, grads = run(rtd_loss, leaves, fixed, torch.float32, backend="triton")
+    out, grads = run(rtd_loss, leaves, fixed, torch.float32, backend=backend)
     assert out.item() == 0.0 and grads["logits_or_hidden"].shape == (0, 7, 24)
 
 
-def test_rtd_layouts_strides_and_mask_dtypes():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rtd_layouts_strides_and_mask_dtypes(backend):
     """Transposed (time-major) hidden, sliced 3-D leading dims, int32 ids, bool / float / expanded masks."""
     B, L, D = 3, 13, 24
-    hid_t = torch.randn(L, B, D, dtype=torch.float64, device=DEV)
+    dt = exact_dtype(backend)
+    hid_t = torch.randn(L, B, D, dtype=dt, device=DEV)
     hidden = hid_t.transpose(0, 1)  # [B, L, D], not contiguous
     original = torch.randint(0, 9, (B, L), device=DEV)
     corrupted = torch.where(torch.rand(B, L, device=DEV) < 0.4, torch.randint(0, 9, (B, L), device=DEV), original)
-    w, b = torch.randn(D, dtype=torch.float64, device=DEV), torch.randn((), dtype=torch.float64, device=DEV)
+    w, b = torch.randn(D, dtype=dt, device=DEV), torch.randn((), dtype=dt, device=DEV)
     masks = [None, torch.rand(B, L, device=DEV) > 0.3, (torch.rand(B, L, device=DEV) > 0.3).double(),
              (torch.rand(1, L, device=DEV) > 0.3).expand(B, L)]
     for mask in masks:
         for reduction in ("mean", "none"):
             args = (corrupted.int(), original, mask)
-            got = rtd_loss(hidden, *args, head_weight=w, head_bias=b, reduction=reduction, backend="triton")
+            got = rtd_loss(hidden, *args, head_weight=w, head_bias=b, reduction=reduction, backend=backend)
             want = rtd_loss(hidden, *args, head_weight=w, head_bias=b, reduction=reduction, backend="reference")
-            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(got, want, **close(backend))
     # three leading dims that cannot be collapsed to two strides (a sliced middle dim) -> copied
-    z = torch.randn(4, 10, 6, dtype=torch.float64, device=DEV)[:, ::3, :]
+    z = torch.randn(4, 10, 6, dtype=dt, device=DEV)[:, ::3, :]
     ids_o = torch.randint(0, 5, (4, 10, 6), device=DEV)[:, ::3, :]
     ids_c = torch.randint(0, 5, (4, 10, 6), device=DEV)[:, ::3, :]
-    torch.testing.assert_close(rtd_loss(z, ids_c, ids_o, backend="triton"),
-                               rtd_loss(z, ids_c, ids_o, backend="reference"), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rtd_loss(z, ids_c, ids_o, backend=backend),
+                               rtd_loss(z, ids_c, ids_o, backend="reference"), **close(backend))
     # a single logit (0-dim)
-    z0 = torch.tensor(1.5, dtype=torch.float64, device=DEV)
+    z0 = torch.tensor(1.5, dtype=dt, device=DEV)
     one = torch.tensor(3, device=DEV)
-    torch.testing.assert_close(rtd_loss(z0, one, one + 1, backend="triton"),
+    torch.testing.assert_close(rtd_loss(z0, one, one + 1, backend=backend),
                                rtd_loss(z0, one, one + 1, backend="reference"))
 
 
-def test_rtd_gradcheck_fused_head():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rtd_gradcheck_fused_head(backend):
+    skip_unsupported_dtype(backend, torch.float64)
     leaves, fixed = rtd_inputs((2, 3), 4)
     xs = [t.clone().requires_grad_() for t in leaves.values()]
     torch.autograd.gradcheck(lambda h, w, b: rtd_loss(h, **fixed, head_weight=w, head_bias=b, loss_weight=2.0,
-                                                      backend="triton"), xs)
+                                                      backend=backend), xs)
     torch.autograd.gradcheck(lambda h, w, b: rtd_loss(h, **fixed, head_weight=w, head_bias=b, reduction="none",
-                                                      backend="triton"), xs)
+                                                      backend=backend), xs)
 
 
-def test_rtd_partial_requires_grad():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rtd_partial_requires_grad(backend):
     """Only the head weight / only the bias / only the hidden state require a gradient."""
     leaves, fixed = rtd_inputs((3, 17), 24)
+    leaves = {n: t.to(exact_dtype(backend)) for n, t in leaves.items()}
     for wanted in ("logits_or_hidden", "head_weight", "head_bias"):
         for reduction in ("mean", "none"):
             xs = {n: t.clone().requires_grad_(n == wanted) for n, t in leaves.items()}
-            loss = rtd_loss(**xs, **fixed, reduction=reduction, backend="triton")
+            loss = rtd_loss(**xs, **fixed, reduction=reduction, backend=backend)
             loss.sum().backward()
             ref = {n: t.clone().requires_grad_(n == wanted) for n, t in leaves.items()}
             rtd_loss(**ref, **fixed, reduction=reduction, backend="reference").sum().backward()
-            torch.testing.assert_close(xs[wanted].grad, ref[wanted].grad, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(xs[wanted].grad, ref[wanted].grad, **close(backend))
 
 
-def test_rtd_matches_hf_and_original_formula():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rtd_matches_hf_and_original_formula(backend):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.ElectraConfig(vocab_size=60, embedding_size=16, hidden_size=32, num_hidden_layers=1,
                                      num_attention_heads=2, intermediate_size=48)
@@ -184,23 +210,24 @@ def test_rtd_matches_hf_and_original_formula():
     mask = torch.ones(3, 17, dtype=torch.long, device=DEV)
     mask[1, -5:] = 0
     hf = model(input_ids=corrupted, attention_mask=mask, labels=(corrupted != original).long())
-    torch.testing.assert_close(rtd_loss(hf.logits, corrupted, original, mask, backend="triton"), hf.loss)
+    torch.testing.assert_close(rtd_loss(hf.logits, corrupted, original, mask, backend=backend), hf.loss)
     head = model.discriminator_predictions
     body = model.electra(input_ids=corrupted, attention_mask=mask).last_hidden_state
     hidden = head.activation(head.dense(body))
     fused = rtd_loss(hidden, corrupted, original, mask, head_weight=head.dense_prediction.weight[0],
-                     head_bias=head.dense_prediction.bias[0], backend="triton")
+                     head_bias=head.dense_prediction.bias[0], backend=backend)
     torch.testing.assert_close(fused, hf.loss)
     # google-research/electra: sigmoid cross-entropy averaged over real tokens, weight 50
     z = hf.logits.detach().double()
     y = (corrupted != original).double()
     p = torch.sigmoid(z)
     formula = 50 * ((-(y * torch.log(p) + (1 - y) * torch.log1p(-p))) * mask).sum() / mask.sum()
-    got = rtd_loss(hf.logits.detach(), corrupted, original, mask, loss_weight=50.0, backend="triton")
+    got = rtd_loss(hf.logits.detach(), corrupted, original, mask, loss_weight=50.0, backend=backend)
     assert abs(got.double().item() - formula.item()) <= 1e-5 * abs(formula.item())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@requires_triton
 def test_rtd_cuda_graph_capture_no_host_sync():
     leaves, fixed = rtd_inputs((4, 64), 32)
     x = leaves["logits_or_hidden"].float().requires_grad_()
@@ -241,10 +268,11 @@ def _lce_id(case):
 
 
 @pytest.mark.parametrize("case", LCE_CASES, ids=_lce_id)
-def test_lce_policy(case):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lce_policy(backend, case):
     N, E, V, reduction, dtype = case
     leaves, fixed = lce_inputs(N, E, V)
-    (got, _), (ref, _), _ = check_policy(linear_cross_entropy, leaves, fixed, dtype, reduction=reduction,
+    (got, _), (ref, _), _ = check_policy(backend, linear_cross_entropy, leaves, fixed, dtype, reduction=reduction,
                                          sample=True, seed=17)
     if dtype == torch.float32:
         assert torch.equal(got[1], ref[1]), "samples differ from the reference's for the same seed"
@@ -253,61 +281,70 @@ def test_lce_policy(case):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=DTYPE_ID.get)
-def test_lce_policy_fp16_fp64(dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lce_policy_fp16_fp64(backend, dtype):
     leaves, fixed = lce_inputs(29, 24, 301)
-    check_policy(linear_cross_entropy, leaves, fixed, dtype)
+    check_policy(backend, linear_cross_entropy, leaves, fixed, dtype)
 
 
-def test_lce_no_bias_and_strided_inputs():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lce_no_bias_and_strided_inputs(backend):
     N, E, V = 21, 24, 211
     leaves, fixed = lce_inputs(N, E, V, bias=False)
-    check_policy(linear_cross_entropy, leaves, fixed, torch.float32)
-    hidden = torch.randn(E, N, dtype=torch.float64, device=DEV).t()          # column-major
-    weight = torch.randn(E, V, dtype=torch.float64, device=DEV).t() / E**0.5  # [V, E] view of [E, V]
+    check_policy(backend, linear_cross_entropy, leaves, fixed, torch.float32)
+    hidden = torch.randn(E, N, dtype=exact_dtype(backend), device=DEV).t()          # column-major
+    weight = torch.randn(E, V, dtype=exact_dtype(backend), device=DEV).t() / E**0.5  # [V, E] view of [E, V]
     targets = torch.randint(0, V, (2 * N,), device=DEV)[::2]                  # strided targets
     for reduction in ("mean", "none"):
-        got = linear_cross_entropy(hidden, weight, targets, reduction=reduction, backend="triton")
+        got = linear_cross_entropy(hidden, weight, targets, reduction=reduction, backend=backend)
         want = linear_cross_entropy(hidden, weight, targets, reduction=reduction, backend="reference")
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got, want, **close(backend))
 
 
-def test_lce_all_rows_ignored_is_zero_not_nan():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lce_all_rows_ignored_is_zero_not_nan(backend):
     leaves, fixed = lce_inputs(6, 24, 37)
     fixed["targets"] = torch.full_like(fixed["targets"], -100)
     for reduction in ("mean", "sum", "none"):
-        out, grads = run(linear_cross_entropy, leaves, fixed, torch.float32, backend="triton", reduction=reduction)
+        out, grads = run(linear_cross_entropy, leaves, fixed, torch.float32, backend=backend, reduction=reduction)
         assert (out == 0).all() and torch.isfinite(out).all()
         assert all((g == 0).all() for g in grads.values())
     # and with sampling: every row is still sampled
     _, sampled = linear_cross_entropy(*[leaves[n].float() for n in ("hidden", "weight")], fixed["targets"],
-                                      leaves["bias"].float(), sample=True, seed=3, backend="triton")
+                                      leaves["bias"].float(), sample=True, seed=3, backend=backend)
     _, want = linear_cross_entropy(*[leaves[n].float() for n in ("hidden", "weight")], fixed["targets"],
                                    leaves["bias"].float(), sample=True, seed=3, backend="reference")
     assert torch.equal(sampled, want)
 
 
-def test_lce_empty_rows():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lce_empty_rows(backend):
     leaves, fixed = lce_inputs(0, 24, 37)
-    out, grads = run(linear_cross_entropy, leaves, fixed, torch.float32, backend="triton")
+    out, grads = run(linear_cross_entropy, leaves, fixed, torch.float32, backend=backend)
     assert out.item() == 0.0 and grads["weight"].abs().sum() == 0 and grads["hidden"].shape == (0, 24)
 
 
-def test_lce_gradcheck():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lce_gradcheck(backend):
+    skip_unsupported_dtype(backend, torch.float64)
     leaves, fixed = lce_inputs(5, 6, 13)
     xs = [leaves[n].clone().requires_grad_() for n in ("hidden", "weight", "bias")]
-    torch.autograd.gradcheck(lambda h, w, b: linear_cross_entropy(h, w, fixed["targets"], b, backend="triton"), xs)
+    torch.autograd.gradcheck(lambda h, w, b: linear_cross_entropy(h, w, fixed["targets"], b, backend=backend), xs)
 
 
-def test_lce_partial_requires_grad():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lce_partial_requires_grad(backend):
     leaves, fixed = lce_inputs(19, 24, 97)
+    leaves = {n: t.to(exact_dtype(backend)) for n, t in leaves.items()}
     for wanted in ("hidden", "weight", "bias"):
         xs = {n: t.clone().requires_grad_(n == wanted) for n, t in leaves.items()}
-        linear_cross_entropy(**xs, **fixed, backend="triton").backward()
+        linear_cross_entropy(**xs, **fixed, backend=backend).backward()
         ref = {n: t.clone().requires_grad_(n == wanted) for n, t in leaves.items()}
         linear_cross_entropy(**ref, **fixed, backend="reference").backward()
-        torch.testing.assert_close(xs[wanted].grad, ref[wanted].grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(xs[wanted].grad, ref[wanted].grad, **close(backend))
 
 
+@requires_triton
 def test_lce_tilings_and_splits_agree(monkeypatch):
     """Samples are keyed on (seed, row, vocab id) only: other tile sizes and vocabulary splits
     (forward and d hidden) draw the same ids; losses and gradients agree to rounding."""
@@ -327,24 +364,26 @@ def test_lce_tilings_and_splits_agree(monkeypatch):
             torch.testing.assert_close(grads[n], base_g[n], rtol=1e-5, atol=1e-6)
 
 
-def test_lce_sampling_chi_square(monkeypatch):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lce_sampling_chi_square(backend, monkeypatch):
     """Many rows with identical logits: counts of the samples fit softmax(z / T) (6 dof, p > 1e-5);
     the disallowed id is never drawn and the rest renormalises."""
-    monkeypatch.setattr(_lce_module(), "CONFIG_OVERRIDE", dict(fwd=(512, 16, 16)))
+    if backend == "triton":  # one row tile holding many rows
+        monkeypatch.setattr(_lce_module(), "CONFIG_OVERRIDE", dict(fwd=(512, 16, 16)))
     V, N, T = 7, 6000, 0.7
     weight = torch.randn(V, 3, device=DEV)
     bias = torch.randn(V, device=DEV)
     hidden = torch.randn(1, 3, device=DEV).expand(N, 3)
     targets = torch.zeros(N, dtype=torch.long, device=DEV)
     _, sampled = linear_cross_entropy(hidden, weight, targets, bias, sample=True, temperature=T, seed=11,
-                                      backend="triton")
+                                      backend=backend)
     probs = torch.softmax((hidden[0].double() @ weight.double().t() + bias.double()) / T, 0)
     observed = torch.bincount(sampled, minlength=V).double()
     chi2 = ((observed - probs * N) ** 2 / (probs * N)).sum().item()
     assert chi2 < 33.1, (chi2, observed, probs * N)  # P(chi2_6 > 33.1) = 1e-5
     banned = int(probs.argmax())
     _, sampled = linear_cross_entropy(hidden, weight, targets, bias, sample=True, temperature=T, seed=12,
-                                      disallow=torch.full((N,), banned, device=DEV), backend="triton")
+                                      disallow=torch.full((N,), banned, device=DEV), backend=backend)
     assert (sampled != banned).all()
     rest = probs.clone()
     rest[banned] = 0
@@ -355,34 +394,36 @@ def test_lce_sampling_chi_square(monkeypatch):
     assert chi2 < 31.3, (chi2, observed, rest * N)  # 5 dof: P(chi2 > 31.3) = 1e-5
 
 
-def test_lce_seed_reproducibility_rows_keyed_on_original_index():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lce_seed_reproducibility_rows_keyed_on_original_index(backend):
     N, E, V = 40, 24, 101
     leaves, fixed = lce_inputs(N, E, V)
     h, w, b = (leaves[n].float() for n in ("hidden", "weight", "bias"))
     t = fixed["targets"]
-    _, a = linear_cross_entropy(h, w, t, b, sample=True, seed=3, backend="triton")
-    _, a2 = linear_cross_entropy(h, w, t, b, sample=True, seed=3, backend="triton")
-    _, c = linear_cross_entropy(h, w, t, b, sample=True, seed=4, backend="triton")
+    _, a = linear_cross_entropy(h, w, t, b, sample=True, seed=3, backend=backend)
+    _, a2 = linear_cross_entropy(h, w, t, b, sample=True, seed=3, backend=backend)
+    _, c = linear_cross_entropy(h, w, t, b, sample=True, seed=4, backend=backend)
     assert torch.equal(a, a2) and not torch.equal(a, c)
     assert torch.equal(a, linear_cross_entropy(h, w, t, b, sample=True, seed=3, backend="reference")[1])
     # ignore rows reorder the kernel's rows (compaction) but not the noise: same ids without them
-    _, no_ignore = linear_cross_entropy(h, w, t.clamp(min=0), b, sample=True, seed=3, backend="triton")
+    _, no_ignore = linear_cross_entropy(h, w, t.clamp(min=0), b, sample=True, seed=3, backend=backend)
     assert torch.equal(no_ignore, a)
     # a prefix of the rows draws the same ids; a large seed works
-    assert torch.equal(linear_cross_entropy(h[:10], w, t[:10], b, sample=True, seed=3, backend="triton")[1], a[:10])
+    assert torch.equal(linear_cross_entropy(h[:10], w, t[:10], b, sample=True, seed=3, backend=backend)[1], a[:10])
     big = 2**63 - 5
-    assert torch.equal(linear_cross_entropy(h, w, t, b, sample=True, seed=big, backend="triton")[1],
+    assert torch.equal(linear_cross_entropy(h, w, t, b, sample=True, seed=big, backend=backend)[1],
                        linear_cross_entropy(h, w, t, b, sample=True, seed=big, backend="reference")[1])
     # disallow excludes exactly that id; temperature changes sampling only
-    _, d = linear_cross_entropy(h, w, t, b, sample=True, seed=3, disallow=a, backend="triton")
+    _, d = linear_cross_entropy(h, w, t, b, sample=True, seed=3, disallow=a, backend=backend)
     assert (d != a).all()
     assert torch.equal(d, linear_cross_entropy(h, w, t, b, sample=True, seed=3, disallow=a, backend="reference")[1])
-    cold = linear_cross_entropy(h, w, t, b, sample=True, seed=3, temperature=0.05, backend="triton")
-    torch.testing.assert_close(cold[0], linear_cross_entropy(h, w, t, b, backend="triton"))
+    cold = linear_cross_entropy(h, w, t, b, sample=True, seed=3, temperature=0.05, backend=backend)
+    torch.testing.assert_close(cold[0], linear_cross_entropy(h, w, t, b, backend=backend))
     assert torch.equal(cold[1], linear_cross_entropy(h, w, t, b, sample=True, seed=3, temperature=0.05,
                                                      backend="reference")[1])
 
 
+@requires_triton
 def test_lce_argmax_from_the_same_sweep():
     K = _lce_module()
     leaves, fixed = lce_inputs(33, 24, 211)
@@ -464,6 +505,7 @@ sys.exit(1 if failed else 0)
 '''
 
 
+@requires_triton
 def test_kernels_compile_for_sm90_without_a_gpu():
     """The interpreter does not type-check GPU lowering: compile every kernel (bf16 and fp32, the
     H100 block sizes) down to a cubin for sm_90 with Triton's bundled ptxas, no device needed."""

@@ -1,0 +1,193 @@
+"""The compiled extension as torch ops: opcheck (schema, fake, autograd), torch.compile without graph
+breaks, bitwise determinism, the shared header functions, and the C++ boundary's named checks."""
+
+import math
+
+import pytest
+import torch
+from attention_inputs import make_inputs
+from conftest import backend_reasons
+
+from pyobjectives import linear_cross_entropy, rtd_loss, two_stream_attention
+from pyobjectives.reference.attention import t5_relative_bucket
+from pyobjectives.reference.philox import philox_uniform
+
+pytestmark = pytest.mark.skipif(bool(backend_reasons("cpu")), reason="; ".join(backend_reasons("cpu")))
+
+ATTN_FEATURES = ("query", "rank", "padding", "seg_ids", "t5")
+
+
+def attention_args(x, kw, dropout_p=0.0, seed=0, empty_uniform=False):
+    """Positional arguments of two_stream_attention_fwd, in schema order."""
+    g = lambda n, default=None: kw.get(n, default)  # noqa: E731
+    D = x["q"].shape[-1]
+    return (x["q"], x["k"], x["v"], x["r"], x["r_w_bias"], x["r_r_bias"], g("q_g"), g("target_pos"), g("q_rank"),
+            g("k_rank"), g("attn_mask"), g("key_padding_mask"), bool(g("causal", False)), g("seg_q"), g("seg_k"),
+            g("seg_diff"), g("r_s_bias"), g("seg_embed"), g("t5_bias"), g("t5_num_buckets", 32),
+            g("t5_max_distance", 128), bool(g("t5_bidirectional", True)), 1.0 / math.sqrt(D), dropout_p, seed,
+            empty_uniform)
+
+
+def float_leaves(x, kw, dtype=torch.float32):
+    x = {n: t.to(dtype).requires_grad_() for n, t in x.items()}
+    kw = {n: (t.to(dtype).requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+          for n, t in kw.items()}
+    return x, kw
+
+
+@pytest.mark.parametrize("features,dropout_p", [
+    pytest.param(ATTN_FEATURES, 0.0, id="all-features"),
+    pytest.param(("query", "dense", "seg_dense", "causal"), 0.2, id="dense-causal-dropout"),
+    pytest.param((), 0.0, id="content-only"),
+])
+def test_opcheck_attention(features, dropout_p):
+    x, kw = float_leaves(*make_inputs(B=2, Lq=9, M=3, H=2, D=8, P=4, features=features))
+    torch.library.opcheck(torch.ops.pyobjectives.two_stream_attention_fwd,
+                          attention_args(x, kw, dropout_p=dropout_p, seed=5))
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2], ids=["none", "mean", "sum"])
+@pytest.mark.parametrize("head", [False, True], ids=["logits", "head"])
+def test_opcheck_rtd(head, reduction):
+    lead, D = (3, 7), 5
+    x = torch.randn(*lead, D) if head else torch.randn(*lead)
+    x.requires_grad_()
+    w = torch.randn(D, requires_grad=True) if head else None
+    b = torch.randn((), requires_grad=True) if head else None
+    orig = torch.randint(0, 9, lead)
+    corr = torch.where(torch.rand(lead) < 0.4, torch.randint(0, 9, lead), orig)
+    mask = torch.rand(lead) > 0.2
+    torch.library.opcheck(torch.ops.pyobjectives.rtd_loss_fwd, (x, w, b, corr, orig, mask, 2.0, reduction, True, head))
+    torch.library.opcheck(torch.ops.pyobjectives.rtd_loss_head_bwd,
+                          (torch.randn(21), torch.randn(1), torch.randn(D), torch.randn(*lead, D)))
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2], ids=["none", "mean", "sum"])
+def test_opcheck_linear_cross_entropy(reduction):
+    N, E, V = 11, 6, 23
+    h = torch.randn(N, E, requires_grad=True)
+    w = torch.randn(V, E, requires_grad=True)
+    b = torch.randn(V, requires_grad=True)
+    t = torch.randint(0, V, (N,))
+    t[::4] = -100
+    torch.library.opcheck(torch.ops.pyobjectives.linear_cross_entropy_fwd,
+                          (h, w, b, t, -100, reduction, True, 0.7, 3, None, True, reduction != 0))
+    torch.library.opcheck(torch.ops.pyobjectives.linear_cross_entropy_bwd, (h, w, b, t, -100, torch.randn(N)))
+
+
+def _compiled_matches_eager(fn, inputs):
+    eager_out = fn(*inputs)
+    eager_grads = torch.autograd.grad(eager_out, [t for t in inputs if t.requires_grad])
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = compiled(*inputs)
+    grads = torch.autograd.grad(out, [t for t in inputs if t.requires_grad])
+    torch.testing.assert_close(out, eager_out, rtol=0, atol=0)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_compile_fullgraph_attention():
+    torch._dynamo.reset()
+    x, kw = float_leaves(*make_inputs(B=2, Lq=9, M=3, H=2, D=8, P=4, features=ATTN_FEATURES))
+    names = list(x) + [n for n, t in kw.items() if isinstance(t, torch.Tensor) and t.requires_grad]
+    rest = {n: t for n, t in kw.items() if n not in names}
+
+    def fn(*leaves):
+        out_h, out_g = two_stream_attention(**dict(zip(names, leaves)), **rest, dropout_p=0.1, seed=7, backend="cpu")
+        return (out_h * out_h).sum() + out_g.sum()
+
+    _compiled_matches_eager(fn, [x[n] if n in x else kw[n] for n in names])
+
+
+def test_compile_fullgraph_electra_ops():
+    torch._dynamo.reset()
+    h = torch.randn(13, 8, requires_grad=True)
+    w = torch.randn(31, 8, requires_grad=True)
+    t = torch.randint(0, 31, (13,))
+    hid = torch.randn(4, 6, 8, requires_grad=True)
+    hw = torch.randn(8, requires_grad=True)
+    orig = torch.randint(0, 9, (4, 6))
+    corr = torch.where(torch.rand(4, 6) < 0.4, torch.randint(0, 9, (4, 6)), orig)
+
+    def fn(h, w, hid, hw):
+        gen, _ = linear_cross_entropy(h, w, t, sample=True, seed=3, backend="cpu")
+        disc = rtd_loss(hid, corr, orig, head_weight=hw, loss_weight=50.0, backend="cpu")
+        return gen + disc
+
+    _compiled_matches_eager(fn, [h, w, hid, hw])
+
+
+def _attention_grads(x, kw):
+    x, kw = float_leaves(x, kw)
+    out_h, out_g = two_stream_attention(**x, **kw, dropout_p=0.1, seed=11, backend="cpu")
+    leaves = list(x.values()) + [t for t in kw.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+    return torch.autograd.grad((out_h * out_h).sum() + out_g.sum(), leaves)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gradients_bitwise_deterministic(threads):
+    """Every (batch, head) belongs to one thread and batch sums run in a fixed order: repeated runs give
+    identical bits."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, kw = make_inputs(B=3, Lq=70, M=6, H=3, D=16, P=13, features=ATTN_FEATURES)
+        first, second = _attention_grads(x, kw), _attention_grads(x, kw)
+        for a, b in zip(first, second):
+            assert torch.equal(a, b)
+        h = torch.randn(300, 16, requires_grad=True)
+        w = torch.randn(501, 16, requires_grad=True)
+        t = torch.randint(0, 501, (300,))
+        runs = [torch.autograd.grad(linear_cross_entropy(h, w, t, backend="cpu"), [h, w]) for _ in range(2)]
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("bidirectional,num_buckets,max_distance", [
+    (True, 32, 128), (False, 32, 128), (True, 16, 20), (False, 8, 10), (True, 64, 1000), (True, 4, 3),
+])
+def test_header_t5_bucket_equals_reference(bidirectional, num_buckets, max_distance):
+    rel = torch.arange(-5000, 5001)
+    got = torch.ops.pyobjectives.t5_bucket(rel, bidirectional, num_buckets, max_distance)
+    want = t5_relative_bucket(rel, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance)
+    assert torch.equal(got, want)
+
+
+def test_header_philox_equals_reference():
+    offsets = torch.cat([torch.arange(4096), torch.tensor([2**32 - 1, 2**32, 2**40 + 3, 2**62 + 17])])
+    for seed in (0, 1, 2**32 + 5, 2**63 - 1):
+        got = torch.ops.pyobjectives.philox_uniform(seed, offsets)
+        assert torch.equal(got, philox_uniform(seed, offsets))
+
+
+def test_cpp_checks_name_the_argument():
+    x, kw = make_inputs(B=2, Lq=5, H=2, D=8, P=2, dtype=torch.float32, features=("query",))
+    args = list(attention_args(x, kw))
+    bad_v = list(args)
+    bad_v[2] = x["v"][:, :4]
+    with pytest.raises(RuntimeError, match=r"v must have shape \(B, Lk, H, D\)"):
+        torch.ops.pyobjectives.two_stream_attention_fwd(*bad_v)
+    short_r = list(args)
+    short_r[3] = x["r"][:5]
+    with pytest.raises(RuntimeError, match="r must have at least Lk \\+ 1 = 6 rows"):
+        torch.ops.pyobjectives.two_stream_attention_fwd(*short_r)
+    bad_tp = list(args)
+    bad_tp[7] = kw["target_pos"].float()
+    with pytest.raises(RuntimeError, match="target_pos must be an integer tensor"):
+        torch.ops.pyobjectives.two_stream_attention_fwd(*bad_tp)
+    with pytest.raises(RuntimeError, match="weight must have dtype"):
+        torch.ops.pyobjectives.linear_cross_entropy_fwd(torch.randn(3, 4), torch.randn(5, 4, dtype=torch.bfloat16),
+                                                        None, torch.zeros(3, dtype=torch.long), -100, 1, False, 1.0, 0,
+                                                        None, False, False)
+    with pytest.raises(RuntimeError, match="corrupted_ids must have shape"):
+        torch.ops.pyobjectives.rtd_loss_fwd(torch.randn(3, 4), None, None, torch.zeros(3, dtype=torch.long),
+                                            torch.zeros(3, 4, dtype=torch.long), None, 1.0, 1, False, False)
+
+
+def test_info_lists_cpu_available_for_every_op():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "pyobjectives", "info"], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.count("    cpu        available") == 3, out
