@@ -314,7 +314,10 @@ po::RTDParams rtd_params(const Tensor& x, const OptTensor& head_weight, const Op
   if (attention_mask.has_value()) {
     TORCH_CHECK(attention_mask->sizes() == lead, "attention_mask must have shape ", lead, ", got ",
                 attention_mask->sizes());
-    p.real = keep.emplace_back(attention_mask->ne(0).to(at::kByte).contiguous()).data_ptr<uint8_t>();
+    // bool masks are read as they are (one byte per token); other dtypes become one
+    const Tensor real = attention_mask->scalar_type() == at::kBool ? attention_mask->contiguous()
+                                                                    : attention_mask->ne(0).contiguous();
+    p.real = reinterpret_cast<const uint8_t*>(keep.emplace_back(real).data_ptr<bool>());
   }
   p.loss_weight = float(loss_weight);
   return p;

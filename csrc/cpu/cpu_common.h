@@ -4,11 +4,13 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 
+#include "pyobjectives/device_math.h"
 #include "pyobjectives/params.h"
 
 // Reductions in hot loops carry `#pragma omp simd reduction` (built with -fopenmp): the
@@ -94,6 +96,19 @@ inline float fast_log(float x) {
   y = std::fma(fe, -2.12194440e-4f, y);
   y = std::fma(-0.5f, z, y);
   return std::fma(fe, 0.693359375f, m + y);
+}
+
+// u[i] = philox_uniform(key, offset + i) for i < n. The low counter word runs in 32-bit lanes (the
+// block is split where it wraps), which lets the compiler vectorize the ten Philox rounds.
+PO_VECTORIZED inline void philox_uniforms(PhiloxKey key, uint64_t offset, int64_t n, float* u) {
+  while (n > 0) {
+    const uint32_t lo = uint32_t(offset), hi = uint32_t(offset >> 32);
+    const int64_t run = std::min<int64_t>(n, int64_t(0x100000000ull - lo));
+    for (int64_t i = 0; i < run; ++i) u[i] = uniform_from_word(philox_counter_word(key, lo + uint32_t(i), hi));
+    offset += uint64_t(run);
+    u += run;
+    n -= run;
+  }
 }
 
 template <typename T>

@@ -45,10 +45,6 @@ PO_VECTORIZED void softmax_grad(float* z, int64_t n, float lse, float coef) {
   for (int64_t i = 0; i < n; ++i) z[i] = fast_exp(z[i] - lse) * coef;
 }
 
-PO_VECTORIZED void uniforms(PhiloxKey key, uint64_t offset, int64_t n, float* u) {
-  for (int64_t i = 0; i < n; ++i) u[i] = philox_uniform(key, offset + uint64_t(i));
-}
-
 PO_VECTORIZED void add_bias(float* z, const float* bias, int64_t n) {
   for (int64_t i = 0; i < n; ++i) z[i] += bias[i];
 }
@@ -66,7 +62,7 @@ int64_t gumbel_sample(const float* z, int64_t V, float temperature, float zmax_t
   double threshold = 0.0;
   for (int64_t v0 = 0; v0 < V; v0 += kNoiseBlock) {
     const int64_t n = std::min(kNoiseBlock, V - v0);
-    uniforms(key, row_offset + uint64_t(v0), n, u);
+    philox_uniforms(key, row_offset + uint64_t(v0), n, u);
     for (int64_t i = 0; i < n; ++i) {
       if (double(u[i]) < threshold) continue;
       const int64_t v = v0 + i;

@@ -12,41 +12,40 @@
 namespace pyobjectives::cpu {
 namespace {
 
-// Loss, gradient and statistics of tokens [t0, t0 + n) whose logits are z.
-PO_VECTORIZED void rtd_tokens(const RTDParams& p, int64_t t0, int64_t n, const float* z, double* sums, float* grad,
-                              float* loss_tok) {
-  double loss_sum = 0, grad_sum = 0;
-  int64_t real_n = 0, correct = 0, tp = 0, predicted = 0, replaced = 0;
+// Loss, gradient and statistics of n tokens with logits z; real[i] = 1 for a real token. Sums are
+// float within a chunk (counts <= kRTDChunk are exact), double across chunks.
+PO_VECTORIZED void rtd_tokens(int64_t n, const float* __restrict z, const int64_t* __restrict corrupted,
+                              const int64_t* __restrict original, const float* __restrict real, float loss_weight,
+                              float* __restrict grad, float* __restrict loss_tok, double* sums) {
+  float loss_sum = 0.f, grad_sum = 0.f, real_n = 0.f, correct = 0.f, tp = 0.f, predicted = 0.f, replaced = 0.f;
 #pragma omp simd reduction(+ : loss_sum, grad_sum, real_n, correct, tp, predicted, replaced)
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t t = t0 + i;
     const float x = z[i];
-    const bool label = p.corrupted[t] != p.original[t];
-    const bool real = p.real == nullptr || p.real[t] != 0;
+    const float y = corrupted[i] != original[i] ? 1.f : 0.f;
+    const float m = real[i];
     const float u = fast_exp(-std::fabs(x));  // e^{-|z|}: softplus and sigmoid without overflow
-    const float softplus = std::fmax(x, 0.f) + fast_log(1.f + u);
-    const float sigmoid = x >= 0.f ? 1.f / (1.f + u) : u / (1.f + u);
-    const float y = label ? 1.f : 0.f;
-    const float loss = real ? softplus - y * x : 0.f;
-    const float g = real ? sigmoid - y : 0.f;
-    const bool pred = x > 0.f;
+    const float softplus = (x > 0.f ? x : 0.f) + fast_log(1.f + u);
+    const float sigmoid = (x >= 0.f ? 1.f : u) / (1.f + u);
+    const float pred = x > 0.f ? 1.f : 0.f;
+    const float loss = m * (softplus - y * x);
+    const float g = m * (sigmoid - y);
     loss_sum += loss;
     grad_sum += g;
-    real_n += real;
-    correct += real & (pred == label);
-    tp += real & pred & label;
-    predicted += real & pred;
-    replaced += real & label;
-    if (grad != nullptr) grad[i] = g;
-    if (loss_tok != nullptr) loss_tok[i] = loss * p.loss_weight;
+    real_n += m;
+    correct += m * (pred == y ? 1.f : 0.f);
+    tp += m * pred * y;
+    predicted += m * pred;
+    replaced += m * y;
+    grad[i] = g;
+    loss_tok[i] = loss * loss_weight;
   }
   sums[kLossSum] = loss_sum;
   sums[kGradSum] = grad_sum;
-  sums[kReal] = double(real_n);
-  sums[kCorrect] = double(correct);
-  sums[kTruePos] = double(tp);
-  sums[kPredicted] = double(predicted);
-  sums[kReplaced] = double(replaced);
+  sums[kReal] = real_n;
+  sums[kCorrect] = correct;
+  sums[kTruePos] = tp;
+  sums[kPredicted] = predicted;
+  sums[kReplaced] = replaced;
 }
 
 PO_VECTORIZED float dot(const float* a, const float* b, int64_t n) {
@@ -65,7 +64,8 @@ void rtd_impl(const RTDParams& p) {
   const int64_t n_chunks = (p.T + kRTDChunk - 1) / kRTDChunk;
   const T* x = static_cast<const T*>(p.x);
   at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> z(kRTDChunk), tok(kRTDChunk), row(std::max<int64_t>(p.Dd, 1));
+    std::vector<float> z(kRTDChunk), tok(kRTDChunk), grad_buf(kRTDChunk), real(kRTDChunk, 1.f);
+    std::vector<float> row(std::max<int64_t>(p.Dd, 1));
     for (int64_t c = begin; c < end; ++c) {
       const int64_t t0 = c * kRTDChunk, n = std::min(kRTDChunk, p.T - t0);
       for (int64_t i = 0; i < n; ++i) {
@@ -73,42 +73,55 @@ void rtd_impl(const RTDParams& p) {
           z[i] = to_float(x[t0 + i]);
         } else {
           const T* xr = x + (t0 + i) * p.Dd;
-          for (int64_t d = 0; d < p.Dd; ++d) row[d] = to_float(xr[d]);
-          z[i] = dot(row.data(), p.head_weight, p.Dd) + p.head_bias;
+          const float* xf = reinterpret_cast<const float*>(xr);
+          if (!std::is_same<T, float>::value) {
+            for (int64_t d = 0; d < p.Dd; ++d) row[d] = to_float(xr[d]);
+            xf = row.data();
+          }
+          z[i] = dot(xf, p.head_weight, p.Dd) + p.head_bias;
         }
       }
-      float* grad = p.grad != nullptr ? p.grad + t0 : nullptr;
-      rtd_tokens(p, t0, n, z.data(), p.partials + c * kRTDSums, grad, p.loss_tok != nullptr ? tok.data() : nullptr);
+      if (p.real != nullptr)
+        for (int64_t i = 0; i < n; ++i) real[i] = p.real[t0 + i] ? 1.f : 0.f;
+      float* grad = p.grad != nullptr ? p.grad + t0 : grad_buf.data();
+      rtd_tokens(n, z.data(), p.corrupted + t0, p.original + t0, real.data(), p.loss_weight, grad, tok.data(),
+                 p.partials + c * kRTDSums);
       if (p.loss_tok != nullptr)
         for (int64_t i = 0; i < n; ++i) static_cast<T*>(p.loss_tok)[t0 + i] = from_float<T>(tok[i]);
-      if (p.dw_partials != nullptr) {
-        // sum_t grad_t x_t for d head_weight; the gradient lives in grad or is recomputed into tok
+      if (p.dw_partials != nullptr) {  // sum_t grad_t x_t for d head_weight
         float* dw = p.dw_partials + c * p.Dd;
         std::fill(dw, dw + p.Dd, 0.f);
-        if (grad == nullptr) {
-          double ignored[kRTDSums];
-          grad = tok.data();
-          RTDParams q = p;
-          q.loss_tok = nullptr;
-          rtd_tokens(q, t0, n, z.data(), ignored, grad, nullptr);
-        }
         for (int64_t i = 0; i < n; ++i) {
           const T* xr = x + (t0 + i) * p.Dd;
-          for (int64_t d = 0; d < p.Dd; ++d) row[d] = to_float(xr[d]);
-          axpy(grad[i], row.data(), dw, p.Dd);
+          const float* xf = reinterpret_cast<const float*>(xr);
+          if (!std::is_same<T, float>::value) {
+            for (int64_t d = 0; d < p.Dd; ++d) row[d] = to_float(xr[d]);
+            xf = row.data();
+          }
+          axpy(grad[i], xf, dw, p.Dd);
         }
       }
     }
   });
 }
 
+PO_VECTORIZED void scaled_row(float a, const float* w, float* out, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) out[d] = a * w[d];
+}
+
 template <typename T>
 void head_backward_impl(const RTDParams& p, const float* grad, const float* coef, int64_t coef_stride, void* dx) {
   T* out = static_cast<T*>(dx);
   at::parallel_for(0, p.T, 1024, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(p.Dd);
     for (int64_t t = begin; t < end; ++t) {
       const float a = coef[t * coef_stride] * grad[t];
-      for (int64_t d = 0; d < p.Dd; ++d) out[t * p.Dd + d] = from_float<T>(a * p.head_weight[d]);
+      if (std::is_same<T, float>::value) {
+        scaled_row(a, p.head_weight, reinterpret_cast<float*>(out + t * p.Dd), p.Dd);
+      } else {
+        scaled_row(a, p.head_weight, row.data(), p.Dd);
+        for (int64_t d = 0; d < p.Dd; ++d) out[t * p.Dd + d] = from_float<T>(row[d]);
+      }
     }
   });
 }

@@ -21,9 +21,10 @@ struct PhiloxKey {
 
 PO_HD PhiloxKey philox_key(uint64_t seed) { return {uint32_t(seed), uint32_t(seed >> 32)}; }
 
-// First output word for counter (offset, 0, 0). 32x32->64 products keep the kernel vectorizable.
-PO_HD uint32_t philox_word(PhiloxKey key, uint64_t offset) {
-  uint32_t c0 = uint32_t(offset), c1 = uint32_t(offset >> 32), c2 = 0, c3 = 0;
+// First output word for the counter (c0, c1, 0, 0): all 32-bit lanes, so CPU loops over c0 vectorize
+// with 32x32->64 multiplies.
+PO_HD uint32_t philox_counter_word(PhiloxKey key, uint32_t c0, uint32_t c1) {
+  uint32_t c2 = 0, c3 = 0;
   uint32_t k0 = key.k0, k1 = key.k1;
 #if !defined(__CUDACC__)
 #pragma GCC unroll 10
@@ -43,12 +44,19 @@ PO_HD uint32_t philox_word(PhiloxKey key, uint64_t offset) {
   return c0;
 }
 
+// Counter of a 64-bit offset: (offset & 0xffffffff, offset >> 32, 0, 0).
+PO_HD uint32_t philox_word(PhiloxKey key, uint64_t offset) {
+  return philox_counter_word(key, uint32_t(offset), uint32_t(offset >> 32));
+}
+
 // Uniform float in [0, 1): the word read as int32, folded to non-negative (~x), times 2^-31 rounded down.
-PO_HD float philox_uniform(PhiloxKey key, uint64_t offset) {
-  const int32_t x = int32_t(philox_word(key, offset));
+PO_HD float uniform_from_word(uint32_t word) {
+  const int32_t x = int32_t(word);
   const int32_t folded = x < 0 ? ~x : x;
   return float(folded) * 4.6566127342e-10f;
 }
+
+PO_HD float philox_uniform(PhiloxKey key, uint64_t offset) { return uniform_from_word(philox_word(key, offset)); }
 
 // ---- T5 relative position bucket (relative_position = key_pos - query_pos), as HF T5 computes it ----
 // The log is taken in float32 like T5; ops.cpp tabulates it once per distance per call, so every
