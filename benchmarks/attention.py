@@ -52,12 +52,11 @@ def sweeps(profile: str) -> list:
             ("dtype", "dtype", [base, dict(base, dtype="float16", flex=False),
                                 dict(base, dtype="float32", flex=False)]),
         ]
-    if profile == "cpu":
-        base = dict(tokens=1024, L=256, H=4, D=32, P_frac=1 / 6, M=0, dtype="float32", flex=False)
+    if profile == "cpu":  # the native CPU backend's targets: B=2, H=8, D=64, P=L/6
+        base = dict(tokens=1024, L=512, H=8, D=64, P_frac=1 / 6, M=0, dtype="float32", flex=False)
         return [
-            ("L", "L", [dict(base, L=L) for L in (128, 256, 512)]),
-            ("head dim", "D", [base, dict(base, D=64)]),
-            ("P/L", "P_frac", [base, dict(base, P_frac=0.5)]),
+            ("L", "L", [dict(base, L=256, tokens=512), base, dict(base, L=2048, tokens=4096)]),
+            ("dtype", "dtype", [base, dict(base, dtype="bfloat16")]),
         ]
     base = dict(tokens=128, L=32, H=2, D=16, P_frac=1 / 4, M=0, dtype="float32", flex=False)
     return [("L", "L", [dict(base, L=L) for L in (32, 64)])]

@@ -40,10 +40,10 @@ def sweeps(profile: str) -> list:
         return [("N", "N", [dict(base, N=n) for n in (2432, 8192, 20224)]),
                 ("ELECTRA-Small", "E", [dict(base, E=128)]),
                 ("sampling", "sample", [dict(base, N=8192), dict(base, N=8192, sample=False)])]
-    if profile == "cpu":
-        base = dict(N=256, E=128, V=8192, dtype="float32", sample=False)
-        return [("N", "N", [dict(base, N=n) for n in (256, 512, 1024)]),
-                ("sampling", "sample", [dict(base, N=128), dict(base, N=128, sample=True)])]
+    if profile == "cpu":  # the native CPU backend's targets: N=4096, E=256, V=30522
+        base = dict(N=4096, E=256, V=30522, dtype="float32", sample=False)
+        return [("N", "N", [dict(base, N=1024), base]),
+                ("sampling", "sample", [base, dict(base, sample=True)])]
     base = dict(N=16, E=16, V=101, dtype="float32", sample=True)
     return [("N", "N", [dict(base, N=n) for n in (16, 32)])]
 

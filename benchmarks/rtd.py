@@ -1,17 +1,19 @@
-"""ELECTRA replaced-token-detection loss, fused-head form: fwd+bwd from the discriminator's last hidden state.
+"""ELECTRA replaced-token-detection loss: fwd+bwd from the discriminator's last hidden state (fused-head
+form) or from its logits (``Dd = 0``).
 
 Inputs (same for every provider): hidden ``[B, L, Dd]`` (after the
 discriminator head's dense + GELU), ``head_weight [Dd]``, ``head_bias []``,
-original and corrupted ids ``[B, L]`` int64 (15% replaced), attention mask
-``[B, L]`` int64 (rows padded to random lengths), ``loss_weight = 50``.
+or logits ``[B, L]`` when ``Dd = 0``; original and corrupted ids ``[B, L]``
+int64 (15% replaced), attention mask ``[B, L]`` int64 (rows padded to random
+lengths), ``loss_weight = 50``.
 
 Memory-bound. Bytes (the fused floor): read hidden, both id tensors and the
 mask once, write d hidden once::
 
-    bytes = 2 * N * Dd * itemsize + N * (8 + 8 + 8)          (N = B * L tokens)
+    bytes = 2 * N * max(Dd, 1) * itemsize + N * (8 + 8 + 8)          (N = B * L tokens)
 
 FLOPs: ``2 N Dd`` forward (the head's dot product) + ``4 N Dd`` backward
-(d hidden, d head_weight) = ``6 N Dd``.
+(d hidden, d head_weight) = ``6 N Dd``; the logits form counts ``10 N`` (softplus, sigmoid, products).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pyobjectives import functional, reference
 from .common import Case, Provider, backend_providers, generator, randn, rotated_input_sets
 
 OP = "rtd_loss"
-TITLE = "RTD loss (fused head)"
+TITLE = "RTD loss"
 X_KEY = "tokens"
 EAGER = "hf_eager"
 VOCAB = 30522
@@ -39,7 +41,8 @@ def sweeps(profile: str) -> list:
                 ("dtype", "dtype", [dict(base, tokens=1 << 20), dict(base, tokens=1 << 20, dtype="float32")])]
     if profile == "cpu":
         base = dict(tokens=16384, L=128, Dd=256, dtype="float32")
-        return [("tokens", "tokens", [dict(base, tokens=t) for t in (16384, 65536, 262144)])]
+        return [("tokens", "tokens", [dict(base, tokens=t) for t in (16384, 262144)]),
+                ("logits", "Dd", [dict(base, tokens=1 << 21, L=512, Dd=0)])]
     base = dict(tokens=512, L=64, Dd=32, dtype="float32")
     return [("tokens", "tokens", [dict(base, tokens=t) for t in (512, 1024)])]
 
@@ -49,7 +52,12 @@ def interpreter_config(profile: str) -> dict:
 
 
 def label(cfg: dict) -> str:
-    return f"N={cfg['tokens']} (B={cfg['tokens'] // cfg['L']} L={cfg['L']}) Dd={cfg['Dd']} {cfg['dtype']}"
+    form = f"Dd={cfg['Dd']}" if cfg["Dd"] else "logits"
+    return f"N={cfg['tokens']} (B={cfg['tokens'] // cfg['L']} L={cfg['L']}) {form} {cfg['dtype']}"
+
+
+def _float_inputs(s: dict) -> list:
+    return [n for n in FLOAT_INPUTS if s.get(n) is not None]
 
 
 def _input_set(cfg: dict, device: str, seed: int) -> dict:
@@ -61,11 +69,14 @@ def _input_set(cfg: dict, device: str, seed: int) -> dict:
     replaced = torch.rand(B, L, generator=g) < 0.15
     corrupted = torch.where(replaced, torch.randint(5, VOCAB, (B, L), generator=g), original)
     mask = (torch.arange(L)[None, :] < torch.randint(L // 2, L + 1, (B, 1), generator=g)).long()
-    s = dict(hidden=randn(B, L, Dd, gen=g, dtype=dt, device=device),
-             head_weight=randn(Dd, gen=g, dtype=dt, device=device, scale=Dd**-0.5),
-             head_bias=randn((), gen=g, dtype=dt, device=device),
-             corrupted=corrupted.to(device), original=original.to(device), mask=mask.to(device))
-    for n in FLOAT_INPUTS:
+    if Dd:
+        s = dict(hidden=randn(B, L, Dd, gen=g, dtype=dt, device=device),
+                 head_weight=randn(Dd, gen=g, dtype=dt, device=device, scale=Dd**-0.5),
+                 head_bias=randn((), gen=g, dtype=dt, device=device))
+    else:  # logits form
+        s = dict(hidden=randn(B, L, gen=g, dtype=dt, device=device, scale=3.0), head_weight=None, head_bias=None)
+    s.update(corrupted=corrupted.to(device), original=original.to(device), mask=mask.to(device))
+    for n in _float_inputs(s):
         s[n].requires_grad_()
     return s
 
@@ -88,7 +99,7 @@ def hf_eager(s: dict):
     the tokens selected by boolean indexing on ``attention_mask == 1``."""
     hidden = s["hidden"]
     L = hidden.shape[1]
-    logits = (hidden @ s["head_weight"] + s["head_bias"]).reshape(-1, L)
+    logits = (hidden @ s["head_weight"] + s["head_bias"]).reshape(-1, L) if s["head_weight"] is not None else hidden
     active = s["mask"].view(-1, L) == 1
     labels = (s["corrupted"] != s["original"]).long()
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[active], labels[active].to(logits.dtype))
@@ -114,8 +125,8 @@ def make_case(cfg: dict, device: str, profile: str) -> Case:
     gouts = [[randn((), gen=g, dtype=dt, device=device)] for _ in sets]
     N, Dd = cfg["tokens"], cfg["Dd"]
     item = first["hidden"].element_size()
-    return Case(op=OP, config=cfg, label=label(cfg), sets=sets, grad_names=list(FLOAT_INPUTS), dtype=cfg["dtype"],
-                device=device, flops=6 * N * Dd, bytes=2 * N * Dd * item + N * 24,
+    return Case(op=OP, config=cfg, label=label(cfg), sets=sets, grad_names=_float_inputs(first), dtype=cfg["dtype"],
+                device=device, flops=6 * N * Dd if Dd else 10 * N, bytes=2 * N * max(Dd, 1) * item + N * 24,
                 oracle=_oracle(torch.float64 if device == "cpu" else torch.float32), gouts=gouts, tokens=N)
 
 

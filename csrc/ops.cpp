@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/cpu_common.h"
 #include "cpu/kernels.h"
 #include "pyobjectives/device_math.h"
 #include "pyobjectives/params.h"
@@ -502,6 +503,16 @@ Tensor philox_uniform_cpu(int64_t seed, const Tensor& offsets) {
   return out;
 }
 
+// The CPU kernels' vectorized Philox run (offsets start .. start + n - 1), for the same comparison.
+Tensor philox_uniform_run_cpu(int64_t seed, const Tensor& start_offset, int64_t n) {
+  TORCH_CHECK(start_offset.numel() == 1, "start_offset must hold one offset, got shape ", start_offset.sizes());
+  const int64_t start = start_offset.item<int64_t>();
+  TORCH_CHECK(start >= 0 && n >= 0, "start_offset and n must be non-negative, got ", start, " and ", n);
+  Tensor out = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+  po::cpu::philox_uniforms(po::philox_key(uint64_t(seed)), uint64_t(start), n, out.data_ptr<float>());
+  return out;
+}
+
 std::string blas_name() { return po::cpu::blas_name(); }
 
 }  // namespace
@@ -528,6 +539,7 @@ TORCH_LIBRARY(pyobjectives, m) {
         "Tensor grad_rows) -> (Tensor d_hidden, Tensor d_weight, Tensor d_bias)");
   m.def("t5_bucket(Tensor relative_position, bool bidirectional, int num_buckets, int max_distance) -> Tensor");
   m.def("philox_uniform(int seed, Tensor offsets) -> Tensor");
+  m.def("philox_uniform_run(int seed, Tensor start_offset, int n) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pyobjectives, CPU, m) {
@@ -539,6 +551,7 @@ TORCH_LIBRARY_IMPL(pyobjectives, CPU, m) {
   m.impl("linear_cross_entropy_bwd", &linear_cross_entropy_bwd_cpu);
   m.impl("t5_bucket", &t5_bucket_cpu);
   m.impl("philox_uniform", &philox_uniform_cpu);
+  m.impl("philox_uniform_run", &philox_uniform_run_cpu);
 }
 
 // Loaded as a Python module so that `import pyobjectives._C` registers the ops.
