@@ -20,6 +20,8 @@ $(VENV)/bin/python:
 
 install: $(if $(VIRTUAL_ENV),,$(VENV)/bin/python)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	@# ninja compiles the extension's C++ files in parallel (setup.py falls back to serial without it)
+	@$(PY) -c "import ninja" 2>/dev/null || $(PY) -m pip install -q ninja
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
 
 test: install

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from . import __version__, functional, reference
-from .backends import BACKEND_ENV, BACKENDS, OPS, PRIORITY, triton_interpreter_enabled
+from .backends import BACKEND_ENV, BACKENDS, OPS, PRIORITY, extension_module, triton_interpreter_enabled
 
 #: Every environment variable the library reads, for ``info`` and the README.
 ENV_VARS = {
@@ -29,6 +29,7 @@ ENV_VARS = {
     "PYOBJECTIVES_POISON_OUTPUTS": "1 fills kernel outputs with NaN before launch (tests: unwritten elements fail)",
     "FORCE_CUDA": "setup.py: build the CUDA sources even where no GPU is visible",
     "PYOBJECTIVES_SKIP_CUDA_BUILD": "setup.py: build only the C++ (CPU) sources",
+    "PYOBJECTIVES_SKIP_BUILD": "setup.py: build no extension (the cpu / cuda backends then say why not)",
     "TORCH_CUDA_ARCH_LIST": "setup.py: GPU architectures to compile for",
     "MAX_JOBS": "setup.py: parallel compile jobs",
 }
@@ -57,6 +58,9 @@ def info() -> None:
                                                   if triton_interpreter_enabled() else ""))
     print(f"transformers {_version('transformers')}")
     print(f"device       {device_name()}")
+    ext = extension_module()
+    if ext is not None:
+        print(f"extension    pyobjectives._C (cpu kernels: {torch.get_num_threads()} threads, BLAS: {ext.blas_name()})")
     print()
     print(f"backends (auto tries {' > '.join(PRIORITY)}):")
     for op in OPS:

@@ -21,6 +21,9 @@ namespace {
 
 constexpr int64_t kChunkBytes = int64_t(32) << 20;
 constexpr int64_t kNoiseBlock = 512;
+// The largest Gumbel noise the reference can draw: -log(-log(u)) at the largest uniform below 1
+// (1 - 2^-24 in float32) is 16.64.
+constexpr float kMaxGumbel = 16.7f;
 
 template <typename T>
 PO_VECTORIZED void round_to_dtype(float* z, int64_t n) {
@@ -49,6 +52,13 @@ PO_VECTORIZED void add_bias(float* z, const float* bias, int64_t n) {
   for (int64_t i = 0; i < n; ++i) z[i] += bias[i];
 }
 
+PO_VECTORIZED float block_max(const float* u, int64_t n) {
+  float m = 0.f;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = u[i] > m ? u[i] : m;
+  return m;
+}
+
 // Gumbel-max over one row: argmax_v z_v / temperature - log(-log(u_v)), u_v = Philox(seed, row * V + v).
 // Every u is drawn, but the two logs are taken only where the sample could still change: g is increasing
 // in u, so with the best score so far and zmax = max_v z_v / temperature a vocabulary entry can only win
@@ -62,7 +72,12 @@ int64_t gumbel_sample(const float* z, int64_t V, float temperature, float zmax_t
   double threshold = 0.0;
   for (int64_t v0 = 0; v0 < V; v0 += kNoiseBlock) {
     const int64_t n = std::min(kNoiseBlock, V - v0);
+    // No noise can lift this block over the best score: skip its draws (trained generators' logits
+    // spread far wider than the largest possible Gumbel noise, so most blocks end here).
+    if (best != kNegInf && row_max(z + v0, n) / temperature + kMaxGumbel + 1e-3f * (1.f + std::fabs(best)) < best)
+      continue;
     philox_uniforms(key, row_offset + uint64_t(v0), n, u);
+    if (block_max(u, n) < threshold) continue;  // the usual case once a good sample is known
     for (int64_t i = 0; i < n; ++i) {
       if (double(u[i]) < threshold) continue;
       const int64_t v = v0 + i;

@@ -9,41 +9,63 @@ namespace pyobjectives::cpu {
 namespace {
 
 #if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx512f"))) inline void mulhilo16(__m512i x, __m512i k, __m512i& hi, __m512i& lo) {
-  const __m512i even = _mm512_mul_epu32(x, k);
-  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), k);
-  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
-  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+// Eight counters per register, one per 64-bit lane, value in the low 32 bits: one vpmuludq gives a whole
+// 32x32->64 product (lo = the lane, hi = the lane >> 32). The upper halves of c1 / c3 / c0 then hold
+// leftovers, which is harmless: vpmuludq reads only low halves and the result keeps only low halves.
+// kChains independent groups of 8 counters per call: a round is a 7-cycle dependency chain (multiply,
+// shift, xor), so one group alone leaves the vector units mostly idle.
+constexpr int kChains = 6;
+
+__attribute__((target("avx512f"))) inline void philox8x(PhiloxKey key, const __m512i (&start)[kChains], __m512i c1,
+                                                        __m256i (&out)[kChains]) {
+  const __m512i ka = _mm512_set1_epi64(0xD2511F53u), kb = _mm512_set1_epi64(0xCD9E8D57u);
+  __m512i c0[kChains], h[kChains], c2[kChains], c3[kChains];
+  for (int c = 0; c < kChains; ++c) c0[c] = start[c], h[c] = c1, c2[c] = c3[c] = _mm512_setzero_si512();
+  uint32_t k0 = key.k0, k1 = key.k1;
+  for (int round = 0; round < 10; ++round) {
+    const __m512i key0 = _mm512_set1_epi32(int32_t(k0)), key1 = _mm512_set1_epi32(int32_t(k1));
+    for (int c = 0; c < kChains; ++c) {
+      const __m512i pb = _mm512_mul_epu32(c2[c], kb), pa = _mm512_mul_epu32(c0[c], ka);
+      // the high half moved down by a 32-bit swap (shuffle port) instead of a shift (multiply port)
+      c0[c] = _mm512_ternarylogic_epi32(_mm512_shuffle_epi32(pb, _MM_PERM_CDAB), h[c], key0, 0x96);  // a ^ b ^ c
+      c2[c] = _mm512_ternarylogic_epi32(_mm512_shuffle_epi32(pa, _MM_PERM_CDAB), c3[c], key1, 0x96);
+      h[c] = pb;
+      c3[c] = pa;
+    }
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  for (int c = 0; c < kChains; ++c) out[c] = _mm512_cvtepi64_epi32(c0[c]);  // the first output word
 }
 
 __attribute__((target("avx512f"))) int64_t uniforms_avx512(PhiloxKey key, uint32_t lo, uint32_t hi, int64_t n,
                                                            float* u) {
-  const __m512i ka = _mm512_set1_epi32(int32_t(0xD2511F53u)), kb = _mm512_set1_epi32(int32_t(0xCD9E8D57u));
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512 scale = _mm512_set1_ps(4.6566127342e-10f);
+  constexpr int64_t kStep = 8 * kChains;
+  const __m512i lane = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m512i c1 = _mm512_set1_epi64(hi);
+  const __m256 scale = _mm256_set1_ps(4.6566127342e-10f);
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(int32_t(lo + uint32_t(i))), lane);
-    __m512i c1 = _mm512_set1_epi32(int32_t(hi)), c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
-    uint32_t k0 = key.k0, k1 = key.k1;
-    for (int round = 0; round < 10; ++round) {
-      __m512i hb, lb, ha, la;
-      mulhilo16(c2, kb, hb, lb);
-      mulhilo16(c0, ka, ha, la);
-      c0 = _mm512_xor_si512(_mm512_xor_si512(hb, c1), _mm512_set1_epi32(int32_t(k0)));
-      c2 = _mm512_xor_si512(_mm512_xor_si512(ha, c3), _mm512_set1_epi32(int32_t(k1)));
-      c1 = lb;
-      c3 = la;
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
+  for (; i + kStep <= n; i += kStep) {
+    __m512i start[kChains];
+    __m256i words[kChains];
+    for (int c = 0; c < kChains; ++c)
+      start[c] = _mm512_add_epi64(_mm512_set1_epi64(uint32_t(lo + uint32_t(i + 8 * c))), lane);
+    philox8x(key, start, c1, words);
+    for (int c = 0; c < kChains; ++c) {
+      const __m256i folded = _mm256_xor_si256(words[c], _mm256_srai_epi32(words[c], 31));  // x < 0 ? ~x : x
+      _mm256_storeu_ps(u + i + 8 * c, _mm256_mul_ps(_mm256_cvtepi32_ps(folded), scale));
     }
-    const __m512i folded = _mm512_xor_si512(c0, _mm512_srai_epi32(c0, 31));  // x < 0 ? ~x : x
-    _mm512_storeu_ps(u + i, _mm512_mul_ps(_mm512_cvtepi32_ps(folded), scale));
   }
   return i;
 }
 
-const bool kHasAvx512 = __builtin_cpu_supports("avx512f");
+bool has_avx512() {
+  static const bool yes = [] {
+    __builtin_cpu_init();  // needed before __builtin_cpu_supports when running during static initialisation
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return yes;
+}
 #endif
 
 }  // namespace
@@ -55,7 +77,7 @@ void philox_uniforms(PhiloxKey key, uint64_t offset, int64_t n, float* u) {
     const int64_t run = std::min<int64_t>(n, int64_t(0x100000000ull - lo));
     int64_t done = 0;
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (kHasAvx512) done = uniforms_avx512(key, lo, hi, run, u);
+    if (has_avx512()) done = uniforms_avx512(key, lo, hi, run, u);
 #endif
     for (int64_t i = done; i < run; ++i) u[i] = uniform_from_word(philox_counter_word(key, lo + uint32_t(i), hi));
     offset += uint64_t(run);
