@@ -315,10 +315,16 @@ po::RTDParams rtd_params(const Tensor& x, const OptTensor& head_weight, const Op
   if (attention_mask.has_value()) {
     TORCH_CHECK(attention_mask->sizes() == lead, "attention_mask must have shape ", lead, ", got ",
                 attention_mask->sizes());
-    // bool masks are read as they are (one byte per token); other dtypes become one
-    const Tensor real = attention_mask->scalar_type() == at::kBool ? attention_mask->contiguous()
-                                                                    : attention_mask->ne(0).contiguous();
-    p.real = reinterpret_cast<const uint8_t*>(keep.emplace_back(real).data_ptr<bool>());
+    // bool / uint8 / int32 / int64 / float32 masks are read in place; other dtypes become bool first
+    Tensor real = attention_mask->contiguous();
+    switch (real.scalar_type()) {
+      case at::kBool: case at::kByte: case at::kChar: p.real_kind = po::MaskKind::kBytes; break;
+      case at::kInt: p.real_kind = po::MaskKind::kInt32; break;
+      case at::kLong: p.real_kind = po::MaskKind::kInt64; break;
+      case at::kFloat: p.real_kind = po::MaskKind::kFloat32; break;
+      default: real = real.ne(0), p.real_kind = po::MaskKind::kBytes;
+    }
+    p.real = keep.emplace_back(real).data_ptr();
   }
   p.loss_weight = float(loss_weight);
   return p;

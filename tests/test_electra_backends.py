@@ -152,8 +152,9 @@ def test_rtd_layouts_strides_and_mask_dtypes(backend):
     original = torch.randint(0, 9, (B, L), device=DEV)
     corrupted = torch.where(torch.rand(B, L, device=DEV) < 0.4, torch.randint(0, 9, (B, L), device=DEV), original)
     w, b = torch.randn(D, dtype=dt, device=DEV), torch.randn((), dtype=dt, device=DEV)
-    masks = [None, torch.rand(B, L, device=DEV) > 0.3, (torch.rand(B, L, device=DEV) > 0.3).double(),
-             (torch.rand(1, L, device=DEV) > 0.3).expand(B, L)]
+    real = torch.rand(B, L, device=DEV) > 0.3
+    masks = [None, real, real.double(), real.float(), real.long(), real.int(), real.to(torch.uint8),
+             real.to(torch.int16), (torch.rand(1, L, device=DEV) > 0.3).expand(B, L)]
     for mask in masks:
         for reduction in ("mean", "none"):
             args = (corrupted.int(), original, mask)

@@ -59,6 +59,20 @@ PO_VECTORIZED void axpy(float a, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
+template <typename M>
+PO_VECTORIZED void nonzero(const M* mask, int64_t n, float* real) {
+  for (int64_t i = 0; i < n; ++i) real[i] = mask[i] != M(0) ? 1.f : 0.f;
+}
+
+void real_tokens(const void* mask, MaskKind kind, int64_t t0, int64_t n, float* real) {
+  switch (kind) {
+    case MaskKind::kBytes: nonzero(static_cast<const uint8_t*>(mask) + t0, n, real); break;
+    case MaskKind::kInt32: nonzero(static_cast<const int32_t*>(mask) + t0, n, real); break;
+    case MaskKind::kInt64: nonzero(static_cast<const int64_t*>(mask) + t0, n, real); break;
+    case MaskKind::kFloat32: nonzero(static_cast<const float*>(mask) + t0, n, real); break;
+  }
+}
+
 template <typename T>
 void rtd_impl(const RTDParams& p) {
   const int64_t n_chunks = (p.T + kRTDChunk - 1) / kRTDChunk;
@@ -81,8 +95,7 @@ void rtd_impl(const RTDParams& p) {
           z[i] = dot(xf, p.head_weight, p.Dd) + p.head_bias;
         }
       }
-      if (p.real != nullptr)
-        for (int64_t i = 0; i < n; ++i) real[i] = p.real[t0 + i] ? 1.f : 0.f;
+      if (p.real != nullptr) real_tokens(p.real, p.real_kind, t0, n, real.data());
       float* grad = p.grad != nullptr ? p.grad + t0 : grad_buf.data();
       rtd_tokens(n, z.data(), p.corrupted + t0, p.original + t0, real.data(), p.loss_weight, grad, tok.data(),
                  p.partials + c * kRTDSums);

@@ -7,6 +7,7 @@
 namespace pyobjectives {
 
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+enum class MaskKind : int { kBytes = 0, kInt32 = 1, kInt64 = 2, kFloat32 = 3 };
 
 // A [dim0, rows, H, D] tensor read through its strides (q, k, v, q_g, r, outputs, gradients).
 struct Strided4 {
@@ -65,7 +66,9 @@ struct RTDParams {
   const float* head_weight = nullptr;  // [Dd] float32
   float head_bias = 0.f;
   const int64_t *corrupted = nullptr, *original = nullptr;  // [T]
-  const uint8_t* real = nullptr;  // [T] 1 = real token, nullptr = all real
+  // [T] attention mask, nonzero = real token, read in its own dtype; nullptr = all real
+  const void* real = nullptr;
+  MaskKind real_kind = MaskKind::kBytes;
   float loss_weight = 1.f;
   // outputs
   void* loss_tok = nullptr;   // [T] dtype, reduction "none" (loss_weight applied, 0 at padding)
