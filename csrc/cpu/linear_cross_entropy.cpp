@@ -121,8 +121,15 @@ void lce_impl(const LinearCEParams& p, const float* row_coef, float* d_hidden, f
         if (p.bias != nullptr) add_bias(zr, p.bias, V);
         // The reference's logits are in the input dtype: round them alike (loss, samples, argmax).
         if (!std::is_same<T, float>::value) round_to_dtype<T>(zr, V);
-        const float mx = row_max(zr, V);
-        const float lse = mx + std::log(row_sum_exp(zr, V, mx));
+        // one sweep: each cached block's max and sum merged into a running (max, sum)
+        OnlineSoftmax softmax;
+        for (int64_t v0 = 0; v0 < V; v0 += kNoiseBlock) {
+          const int64_t len = std::min(kNoiseBlock, V - v0);
+          const float m = row_max(zr + v0, len);
+          softmax.merge(m, row_sum_exp(zr + v0, len, m));
+        }
+        const float mx = softmax.max;
+        const float lse = softmax.logsumexp();
         const int64_t target = p.targets[n];
         const bool kept = target != p.ignore_index && target >= 0 && target < V;
         p.row_loss[n] = kept ? lse - zr[target] : 0.f;

@@ -119,7 +119,7 @@ struct BandWindow {
 
 BandWindow band_window(const AttentionParams& p, const RowSet& set) {
   BandWindow w;
-  w.t0 = p.Lq - set.p_hi;
+  w.t0 = r_row(p.Lq, set.p_hi, 0);  // the lowest row any (row, key) pair of the set reads
   w.W = set.p_hi - set.p_lo + p.Lk;
   w.ta = std::max<int64_t>(w.t0, 0);
   w.tb = std::min<int64_t>(w.t0 + w.W, p.R);
@@ -147,7 +147,8 @@ struct RowTerms {
   const uint8_t* mask = nullptr;
   int64_t mask_stride = 0;
   const uint8_t* key_padding = nullptr;
-  int64_t causal_from = 0;  // keys >= causal_from are hidden
+  int64_t M = 0;
+  int64_t causal_pos = -1;  // query position when the causal rule applies, else -1
   int64_t diagonal = -1;    // content rows always see this key
 };
 
@@ -179,7 +180,8 @@ PO_VECTORIZED float finish_row(float* s, int64_t Lk, const RowTerms& t) {
     for (int64_t j = 0; j < Lk; ++j) s[j] = t.mask[j * t.mask_stride] ? kNegInf : s[j];
   if (t.key_padding != nullptr)
     for (int64_t j = 0; j < Lk; ++j) s[j] = t.key_padding[j] ? kNegInf : s[j];
-  for (int64_t j = t.causal_from; j < Lk; ++j) s[j] = kNegInf;
+  if (t.causal_pos >= 0)
+    for (int64_t j = 0; j < Lk; ++j) s[j] = causal_allows(j, t.M, t.causal_pos) ? s[j] : kNegInf;
   if (has_diag) s[t.diagonal] = diag_score;
   float mx = kNegInf;
 #pragma omp simd reduction(max : mx)
@@ -262,9 +264,9 @@ PO_VECTORIZED void scores(const AttentionParams& p, const RowSet& set, int64_t b
       t.mask_stride = p.mask_s2;
     }
     if (p.key_padding != nullptr) t.key_padding = p.key_padding + b * Lk;
-    const int64_t diag = p.M + pos;
-    t.causal_from = p.causal ? std::max<int64_t>(diag + 1, 0) : Lk;
-    t.diagonal = set.content ? diag : -1;
+    if (p.causal) t.causal_pos = pos;
+    t.M = p.M;
+    t.diagonal = set.content ? content_diagonal(p.M, pos) : -1;
     sc.row_max[i] = finish_row(S + i * Lk, Lk, t);
     sc.empty[i] = sc.row_max[i] == kNegInf;
   }

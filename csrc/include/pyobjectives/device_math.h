@@ -87,8 +87,8 @@ PO_HD int64_t r_row(int64_t Lq, int64_t query_pos, int64_t key) { return Lq - qu
 // ---- Visibility rules (spec: "Visibility"); a pair is visible iff every given rule allows it ----
 PO_HD bool rank_allows(int32_t k_rank, int32_t q_rank) { return k_rank < q_rank; }
 PO_HD bool causal_allows(int64_t key, int64_t M, int64_t query_pos) { return key <= M + query_pos; }
-// A content row always sees its own position, whatever the masks say (HF's non_tgt_mask).
-PO_HD bool is_content_diagonal(int64_t key, int64_t M, int64_t query_pos) { return key == M + query_pos; }
+// The key a content row always sees, whatever the masks say: its own position (HF's non_tgt_mask).
+PO_HD int64_t content_diagonal(int64_t M, int64_t query_pos) { return M + query_pos; }
 
 // ---- Online softmax: running (max, sum of exp) over a stream of scores ----
 struct OnlineSoftmax {
