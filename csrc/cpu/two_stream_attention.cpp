@@ -152,6 +152,17 @@ struct RowTerms {
   int64_t diagonal = -1;    // content rows always see this key
 };
 
+// Where row (b, pos) reads "segments differ" from: ids (seg_q vs seg_k) or the dense seg_diff matrix.
+void segment_source(const AttentionParams& p, int64_t b, int64_t pos, RowTerms& t) {
+  if (p.seg_q != nullptr) {
+    t.seg_q = p.seg_q[b * p.Lq + pos];
+    t.seg_k = p.seg_k + b * p.Lk;
+  } else {
+    t.seg_diff = p.seg_diff + b * p.segd_s0 + pos * p.segd_s1;
+    t.seg_diff_stride = p.segd_s2;
+  }
+}
+
 // s = scale * (ac + bd + ef) + t5, masked pairs -inf; returns the row max (-inf: no visible key).
 PO_VECTORIZED float finish_row(float* s, int64_t Lk, const RowTerms& t) {
   const float scale = t.scale;
@@ -246,13 +257,7 @@ PO_VECTORIZED void scores(const AttentionParams& p, const RowSet& set, int64_t b
     t.scale = p.scale;
     if (seg) {
       t.e0 = sc.e[2 * i], t.e1 = sc.e[2 * i + 1];
-      if (p.seg_q != nullptr) {
-        t.seg_q = p.seg_q[b * p.Lq + pos];
-        t.seg_k = p.seg_k + b * Lk;
-      } else {
-        t.seg_diff = p.seg_diff + b * p.segd_s0 + pos * p.segd_s1;
-        t.seg_diff_stride = p.segd_s2;
-      }
+      segment_source(p, b, pos, t);
     }
     if (p.t5_dist != nullptr) t.t5 = p.t5_dist + h * (p.Lq + Lk - 1) + (p.Lq - 1 - pos);
     if (p.q_rank != nullptr) {
@@ -474,13 +479,7 @@ void backward_rows(const AttentionParams& p, const AttentionBackward& g, const R
     if (hg.dt5 != nullptr) add_row(hg.dt5 + (p.Lq - 1 - pos), gi, Lk);
     if (seg) {
       RowTerms t;
-      if (p.seg_q != nullptr) {
-        t.seg_q = p.seg_q[b * p.Lq + pos];
-        t.seg_k = p.seg_k + b * Lk;
-      } else {
-        t.seg_diff = p.seg_diff + b * p.segd_s0 + pos * p.segd_s1;
-        t.seg_diff_stride = p.segd_s2;
-      }
+      segment_source(p, b, pos, t);
       float same, differ;
       segment_sums(gi, Lk, t, &same, &differ);
       de[2 * i] = same * p.scale;
