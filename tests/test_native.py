@@ -200,3 +200,26 @@ def test_info_lists_cpu_available_for_every_op():
     out = subprocess.run([sys.executable, "-m", "pyobjectives", "info"], capture_output=True, text=True,
                          check=True).stdout
     assert out.count("    cpu        available") == 3, out
+
+
+_AUTO_UNDER_COMPILE = r'''
+import sys, torch
+sys.path.insert(0, "tests")
+from attention_inputs import make_inputs
+import pyobjectives as po
+x, kw = make_inputs(B=2, Lq=9, M=2, H=2, D=8, P=3, features=("query", "rank", "t5"), dtype=torch.float32)
+f = lambda q: po.two_stream_attention(q, **{n: t for n, t in x.items() if n != "q"}, **kw)[0].sum()
+print(torch.compile(f, fullgraph=True, backend="aot_eager")(x["q"]).item() == f(x["q"]).item())
+'''
+
+
+def test_auto_dispatch_traces_without_graph_break():
+    """A user's first call may already be traced: backend="auto" resolves with no import inside the graph."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _AUTO_UNDER_COMPILE], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("True"), proc.stderr[-3000:]
