@@ -12,6 +12,8 @@ Environment:
 
 import glob
 import os
+import shutil
+import sys
 
 from setuptools import setup
 
@@ -25,8 +27,23 @@ def extensions():
     cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
     if not cpp and not cu:
         return [], {}
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        print(f"pyobjectives: no C++ compiler ({compiler!r} not found): building without the extension; "
+              "the cpu / cuda backends will say so in `python -m pyobjectives info`", file=sys.stderr)
+        return [], {}
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    class OptionalBuildExt(BuildExtension):
+        """A failed compile leaves a working pure-Python + Triton package (the backends report why)."""
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # CompileError, LinkError, ninja's RuntimeError, ...
+                print(f"pyobjectives: building {ext.name} failed ({type(exc).__name__}: {exc}); installing "
+                      "without it (set PYOBJECTIVES_SKIP_BUILD=1 to skip the attempt)", file=sys.stderr)
 
     skip_cuda = os.environ.get("PYOBJECTIVES_SKIP_CUDA_BUILD", "0") == "1"
     force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
@@ -38,14 +55,14 @@ def extensions():
     link = ["-fopenmp"]
     include_dirs = [os.path.join(HERE, "csrc", "include"), os.path.join(HERE, "csrc")]
     if with_cuda:
-        ext = CUDAExtension("pyobjectives._C", cpp + cu, define_macros=[("PYOBJECTIVES_WITH_CUDA", None)],
+        ext = CUDAExtension("pyobjectives._C", cpp + cu, define_macros=[("PYOBJECTIVES_WITH_CUDA", None)], optional=True,
                             include_dirs=include_dirs, extra_link_args=link,
                             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math",
                                                                       "-lineinfo"]})
     else:
         ext = CppExtension("pyobjectives._C", cpp, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
-                           extra_link_args=link)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+                           extra_link_args=link, optional=True)
+    return [ext], {"build_ext": OptionalBuildExt.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = extensions()
