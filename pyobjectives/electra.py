@@ -1,6 +1,6 @@
 """ELECTRA's pretraining objective as one module: masking, generator MLM with sampling, RTD.
 
-See :class:`ElectraObjective`; ``../shared/spec/electra_objective.md`` is the contract.
+See :class:`ElectraObjective`; ``docs/electra_objective.md`` is the contract.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ def two_stream_attention(q, k, v, r, r_w_bias, r_r_bias, *, q_g=None, target_pos
         out_h[i] = sum_j softmax_j(score[i, visible j]) v_j
 
     and the same for query-stream row ``p`` with ``q_g[p]`` and ``i = target_pos[p]``.
-    ``../shared/spec/two_stream_attention.md`` is the exact contract.
+    ``docs/two_stream_attention.md`` is the exact contract.
 
     Shapes (batch-major; strided views such as HF's time-major tensors transposed are fine):
 
