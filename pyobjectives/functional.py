@@ -95,8 +95,9 @@ def two_stream_attention(q, k, v, r, r_w_bias, r_r_bias, *, q_g=None, target_pos
         raise ValueError(f"r must be a tensor of shape [R, H, D] or [B, R, H, D], got "
                          f"{tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__}")
     check.tensor("r", r, ([("B", B)] if r.dim() == 4 else []) + [("R", None), ("H", H), ("D", D)], **floats)
-    if r.shape[-3] == 0:
-        raise ValueError("r must have at least one row (R >= 1)")
+    if r.shape[-3] < Lk + 1:
+        raise ValueError(f"r must have at least Lk + 1 = {Lk + 1} rows (row Lk is distance 0; XLNet passes Lk + Lq, "
+                         f"or Lk + 1 for causal attention), got R={r.shape[-3]}")
     bias_dims = [("H", H), ("D", D)]
     r_w_bias = check.tensor("r_w_bias", r_w_bias, bias_dims, kind="float", device=dev).to(dt)
     r_r_bias = check.tensor("r_r_bias", r_r_bias, bias_dims, kind="float", device=dev).to(dt)

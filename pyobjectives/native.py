@@ -165,7 +165,7 @@ def _rtd_backward(ctx, grad_loss, _stats, _grad, _dw, _sums):
         dx = ops.rtd_loss_head_bwd(grad, coef, w, x)
     if coef64 is not None and dw_sum.numel():
         dw = (dw_sum.double() * coef64).to(w.dtype)
-    elif grad.numel():
+    elif grad.numel() or x.numel() == 0:
         dw = ((grad * coef) @ x.reshape(-1, x.shape[-1]).float()).to(w.dtype)
     if ctx.has_bias:
         db = (sums[6] * coef64).to(ctx.bias_dtype) if coef64 is not None else (grad * coef).sum().to(ctx.bias_dtype)
@@ -258,7 +258,8 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-10
                          temperature=1.0, seed=None, disallow=None, return_argmax=False):
     """Native backend of :func:`pyobjectives.linear_cross_entropy` (arguments validated there).
 
-    Extra memory: one chunk of float32 logits (at most 32 MiB: ``csrc/cpu/linear_cross_entropy.cpp``)
+    Extra memory: one chunk of float32 logits (at most 32 MiB, or 16 rows once V > 512K:
+    ``csrc/cpu/linear_cross_entropy.cpp``)
     plus, when gradients are needed, float32 d hidden / d weight formed during the forward sweep
     (mean / sum) and float32 copies of half-precision weights.
     ``return_argmax=True`` appends ``argmax_v z [N]`` (used by :class:`pyobjectives.nn.ElectraObjective`).

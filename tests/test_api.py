@@ -23,6 +23,7 @@ BAD_ATTENTION = {
     "k-short": (dict(k=torch.randn(2, 4, 2, 4), v=torch.randn(2, 4, 2, 4)), {}, ValueError, "Lk >= Lq"),
     "v-dtype": (dict(v=torch.randn(2, 6, 2, 4, dtype=torch.float64)), {}, TypeError, "v must have dtype"),
     "r-2d": (dict(r=torch.randn(11, 8)), {}, ValueError, r"r must be a tensor of shape \[R, H, D\]"),
+    "r-short": (dict(r=torch.randn(6, 2, 4)), {}, ValueError, r"r must have at least Lk \+ 1 = 7 rows"),
     "q-int": (dict(q=torch.ones(2, 5, 2, 4, dtype=torch.long)), {}, TypeError, "q must be a float tensor"),
     "bias-shape": (dict(r_w_bias=torch.randn(4, 2)), {}, ValueError, "r_w_bias must have shape"),
     "target_pos-range": ({}, dict(target_pos=torch.tensor([[0, 5], [1, 1]])), ValueError,

@@ -170,6 +170,14 @@ def test_vectorized_philox_runs_equal_reference(start, n):
         assert torch.equal(got, philox_uniform(seed, torch.arange(start, start + n)))
 
 
+def test_rtd_head_gradients_of_no_tokens_are_zero():
+    x = torch.randn(0, 5, 4, requires_grad=True)
+    w, b = torch.randn(4, requires_grad=True), torch.randn((), requires_grad=True)
+    ids = torch.zeros(0, 5, dtype=torch.long)
+    rtd_loss(x, ids, ids, head_weight=w, head_bias=b, reduction="none", backend="cpu").sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros(4)) and b.grad.item() == 0.0
+
+
 def test_cpp_checks_name_the_argument():
     x, kw = make_inputs(B=2, Lq=5, H=2, D=8, P=2, dtype=torch.float32, features=("query",))
     args = list(attention_args(x, kw))

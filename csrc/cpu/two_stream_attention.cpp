@@ -396,27 +396,28 @@ PO_VECTORIZED void uniform_grad_row(float* s, float* g, int64_t Lk, float delta,
   }
 }
 
-// Sums of dS over keys in the same / a different segment (for ef's gradient).
+// Sums of dS over keys in the same / a different segment (for ef's gradient). A row's dS sums to zero,
+// so the two sums cancel each other: accumulated in double, or their rounding shows in d r_s_bias.
 PO_VECTORIZED void segment_sums(const float* g, int64_t Lk, const RowTerms& t, float* same_out, float* differ_out) {
-  float same = 0.f, differ = 0.f;
+  double same = 0.0, differ = 0.0;
   if (t.seg_k != nullptr) {
     const int64_t sq = t.seg_q;
 #pragma omp simd reduction(+ : same, differ)
     for (int64_t j = 0; j < Lk; ++j) {
       const bool d = t.seg_k[j] != sq;
-      differ += d ? g[j] : 0.f;
-      same += d ? 0.f : g[j];
+      differ += d ? double(g[j]) : 0.0;
+      same += d ? 0.0 : double(g[j]);
     }
   } else {
 #pragma omp simd reduction(+ : same, differ)
     for (int64_t j = 0; j < Lk; ++j) {
       const bool d = t.seg_diff[j * t.seg_diff_stride] != 0;
-      differ += d ? g[j] : 0.f;
-      same += d ? 0.f : g[j];
+      differ += d ? double(g[j]) : 0.0;
+      same += d ? 0.0 : double(g[j]);
     }
   }
-  *same_out = same;
-  *differ_out = differ;
+  *same_out = float(same);
+  *differ_out = float(differ);
 }
 
 PO_VECTORIZED void add_row(float* dst, const float* src, int64_t n) {
@@ -424,7 +425,9 @@ PO_VECTORIZED void add_row(float* dst, const float* src, int64_t n) {
 }
 
 struct HeadGrads {
-  float *dk, *dv, *dr, *dbias, *dseg, *dt5;
+  float *dk, *dv, *dr, *dt5;
+  // bias and segment-embedding gradients sum one row per query (thousands per head): kept in double
+  double *dbias, *dseg;
 };
 
 template <typename T>
@@ -510,9 +513,9 @@ void backward_rows(const AttentionParams& p, const AttentionBackward& g, const R
   }
 
   // dq and the bias gradients
-  float* d_rw = hg.dbias;
-  float* d_rr = hg.dbias + D;
-  float* d_rs = hg.dbias + 2 * D;
+  double* d_rw = hg.dbias;
+  double* d_rr = hg.dbias + D;
+  double* d_rs = hg.dbias + 2 * D;
   const float* se0 = seg ? p.seg_embed + h * D : nullptr;
   const float* se1 = seg ? p.seg_embed + (p.H + h) * D : nullptr;
   for (int64_t i = 0; i < n; ++i) {
@@ -549,17 +552,18 @@ void backward_impl(const AttentionParams& p, const AttentionBackward& g) {
     Scratch sc(p);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H;
-      HeadGrads hg{g.dk + bh * Lk * D, g.dv + bh * Lk * D, g.dr + bh * R * D, g.dbias + bh * 3 * D,
-                   g.dseg != nullptr ? g.dseg + bh * 2 * D : nullptr,
-                   g.dt5_dist != nullptr ? g.dt5_dist + bh * n_dist : nullptr};
+      std::vector<double> bias_sums(3 * D, 0.0), seg_sums(2 * D, 0.0);
+      HeadGrads hg{g.dk + bh * Lk * D, g.dv + bh * Lk * D, g.dr + bh * R * D,
+                   g.dt5_dist != nullptr ? g.dt5_dist + bh * n_dist : nullptr, bias_sums.data(),
+                   g.dseg != nullptr ? seg_sums.data() : nullptr};
       std::fill(hg.dk, hg.dk + Lk * D, 0.f);
       std::fill(hg.dv, hg.dv + Lk * D, 0.f);
       std::fill(hg.dr, hg.dr + R * D, 0.f);
-      std::fill(hg.dbias, hg.dbias + 3 * D, 0.f);
-      if (hg.dseg != nullptr) std::fill(hg.dseg, hg.dseg + 2 * D, 0.f);
       if (hg.dt5 != nullptr) std::fill(hg.dt5, hg.dt5 + n_dist, 0.f);
       const HeadOperands op = head_operands<T>(p, b, h, sc);
       for (const RowSet& set : sets[b]) backward_rows<T>(p, g, set, b, h, op, hg, key, sc);
+      std::copy(bias_sums.begin(), bias_sums.end(), g.dbias + bh * 3 * D);
+      if (g.dseg != nullptr) std::copy(seg_sums.begin(), seg_sums.end(), g.dseg + bh * 2 * D);
     }
   });
 }
