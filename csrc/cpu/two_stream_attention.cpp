@@ -398,7 +398,7 @@ PO_VECTORIZED void uniform_grad_row(float* s, float* g, int64_t Lk, float delta,
 
 // Sums of dS over keys in the same / a different segment (for ef's gradient). A row's dS sums to zero,
 // so the two sums cancel each other: accumulated in double, or their rounding shows in d r_s_bias.
-PO_VECTORIZED void segment_sums(const float* g, int64_t Lk, const RowTerms& t, float* same_out, float* differ_out) {
+PO_VECTORIZED void segment_sums(const float* g, int64_t Lk, const RowTerms& t, double* same_out, double* differ_out) {
   double same = 0.0, differ = 0.0;
   if (t.seg_k != nullptr) {
     const int64_t sq = t.seg_q;
@@ -416,8 +416,8 @@ PO_VECTORIZED void segment_sums(const float* g, int64_t Lk, const RowTerms& t, f
       same += d ? 0.0 : double(g[j]);
     }
   }
-  *same_out = float(same);
-  *differ_out = float(differ);
+  *same_out = same;
+  *differ_out = differ;
 }
 
 PO_VECTORIZED void add_row(float* dst, const float* src, int64_t n) {
@@ -475,7 +475,7 @@ void backward_rows(const AttentionParams& p, const AttentionBackward& g, const R
 
   // T5 (unscaled), segment terms, then the scale of ac + bd + ef
   const bool seg = p.has_segments();
-  float de[2 * kBlockRows];
+  double de[2 * kBlockRows];
   for (int64_t i = 0; i < n; ++i) {
     const int64_t pos = set.pos[i];
     float* gi = G + i * Lk;
@@ -483,7 +483,7 @@ void backward_rows(const AttentionParams& p, const AttentionBackward& g, const R
     if (seg) {
       RowTerms t;
       segment_source(p, b, pos, t);
-      float same, differ;
+      double same, differ;
       segment_sums(gi, Lk, t, &same, &differ);
       de[2 * i] = same * p.scale;
       de[2 * i + 1] = differ * p.scale;
@@ -526,14 +526,14 @@ void backward_rows(const AttentionParams& p, const AttentionBackward& g, const R
       d_rr[d] += dqr[d];
     }
     if (seg) {
-      const float e0 = de[2 * i], e1 = de[2 * i + 1];
+      const double e0 = de[2 * i], e1 = de[2 * i + 1];
       const float* qs = sc.qs.data() + i * D;
       for (int64_t d = 0; d < D; ++d) {
-        const float ds = e0 * se0[d] + e1 * se1[d];
+        const double ds = e0 * se0[d] + e1 * se1[d];
         d_rs[d] += ds;
         hg.dseg[d] += e0 * qs[d];
         hg.dseg[D + d] += e1 * qs[d];
-        dqw[d] += ds;
+        dqw[d] += float(ds);
       }
     }
     for (int64_t d = 0; d < D; ++d) dqw[d] += dqr[d];
