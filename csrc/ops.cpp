@@ -519,8 +519,6 @@ Tensor philox_uniform_run_cpu(int64_t seed, const Tensor& start_offset, int64_t 
   return out;
 }
 
-std::string blas_name() { return po::cpu::blas_name(); }
-
 }  // namespace
 
 #define ATTENTION_SCHEMA                                                                                       \
@@ -563,7 +561,7 @@ TORCH_LIBRARY_IMPL(pyobjectives, CPU, m) {
 // Loaded as a Python module so that `import pyobjectives._C` registers the ops.
 #include <Python.h>
 
-static PyObject* py_blas_name(PyObject*, PyObject*) { return PyUnicode_FromString(blas_name().c_str()); }
+static PyObject* py_blas_name(PyObject*, PyObject*) { return PyUnicode_FromString(po::cpu::blas_name()); }
 
 static PyMethodDef methods[] = {
     {"blas_name", py_blas_name, METH_NOARGS, "Which BLAS the CPU kernels call."},

@@ -20,6 +20,4 @@ void linear_cross_entropy_forward(const LinearCEParams& p, const float* row_coef
                                   float* d_bias);
 int64_t linear_cross_entropy_chunk_rows(int64_t V);
 
-const char* blas_name();
-
 }  // namespace pyobjectives::cpu

@@ -94,9 +94,6 @@ struct LinearCEParams {
   uint64_t seed = 0;
   const int64_t* disallow = nullptr;  // [N] or nullptr
   bool want_argmax = false;
-  bool need_grad = false;
-  // coefficient of each row's gradient: grad_scale * (mean: 1 / n_kept); filled by the caller
-  // only for the fused backward (grad computed during the forward sweep).
   // outputs
   float* row_loss = nullptr;    // [N] float32 (0 at ignored rows)
   int64_t* sampled = nullptr;   // [N]
