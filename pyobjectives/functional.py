@@ -19,23 +19,24 @@ def _seed(seed):
     return seed
 
 
-def two_stream_attention(q, k, v, r, r_w_bias, r_r_bias, *, q_g=None, target_pos=None, q_rank=None, k_rank=None,
-                         attn_mask=None, key_padding_mask=None, causal=False, seg_q=None, seg_k=None, seg_diff=None,
-                         r_s_bias=None, seg_embed=None, t5_bias=None, t5_num_buckets=32, t5_max_distance=128,
-                         t5_bidirectional=True, scale=None, dropout_p=0.0, seed=None, empty_rows="zero",
-                         backend="auto"):
-    """XLNet two-stream relative attention (Transformer-XL positions, relative segments, memory, T5 bias).
+def two_stream_attention(q, k, v, r=None, r_w_bias=None, r_r_bias=None, *, q_g=None, target_pos=None, q_rank=None,
+                         k_rank=None, attn_mask=None, key_padding_mask=None, causal=False, seg_q=None, seg_k=None,
+                         seg_diff=None, r_s_bias=None, seg_embed=None, t5_bias=None, t5_num_buckets=32,
+                         t5_max_distance=128, t5_bidirectional=True, content_sees_self=True, scale=None,
+                         dropout_p=0.0, seed=None, empty_rows="zero", backend="auto"):
+    """XLNet two-stream relative attention (Transformer-XL positions, relative segments, memory, T5 bias),
+    and plain / T5 attention with ``r=None``.
 
-    Computes, for content row ``i`` (absolute key position ``M + i``) and key ``j``::
+    Computes, for content row ``i`` (absolute key position ``M + i``, ``M = Lk - Lq``) and key ``j``::
 
         score[i, j] = scale * ((q_i + r_w_bias).k_j                       # content (ac)
-                               + (q_i + r_r_bias).r[Lq - i + j]           # position (bd)
+                               + (q_i + r_r_bias).r[Lq - i + j]           # position (bd), only with r
                                + (q_i + r_s_bias).seg_embed[s(i, j)])     # segment (ef)
                       + t5_bias[bucket(j - (M + i)), h]
         out_h[i] = sum_j softmax_j(score[i, visible j]) v_j
 
     and the same for query-stream row ``p`` with ``q_g[p]`` and ``i = target_pos[p]``.
-    ``docs/two_stream_attention.md`` is the exact contract.
+    ``docs/two_stream_attention.md`` is the exact contract; ``docs/t5.md`` shows the T5 calls.
 
     Shapes (batch-major; strided views such as HF's time-major tensors transposed are fine):
 
@@ -44,10 +45,13 @@ def two_stream_attention(q, k, v, r, r_w_bias, r_r_bias, *, q_g=None, target_pos
     =====================  ======================  ==================================================
     q                      [B, Lq, H, D]           content-stream queries
     k, v                   [B, Lk, H, D]           keys / values of ``[mems; h]``, ``Lk = M + Lq``
+                                                   (a KV cache is memory: ``M`` = cached positions)
     r                      [R, H, D] or            relative position keys; row t = distance ``Lk - t``
-                           [B, R, H, D]            (per batch for XLNet's bi_data); rows outside
-                                                   ``[0, R)`` contribute 0
-    r_w_bias, r_r_bias     [H, D]                  content and position biases
+                           [B, R, H, D] or None    (per batch for XLNet's bi_data); rows outside
+                                                   ``[0, R)`` contribute 0. None: no position term
+                                                   (T5, plain attention); nothing is spent on it
+    r_w_bias               [H, D] or None          content bias (required with r)
+    r_r_bias               [H, D] or None          position bias (required with r, refused without)
     q_g                    [B, P, H, D]            query-stream queries (optional)
     target_pos             [B, P] int              position in ``[0, Lq)`` of each q_g row; -1 = padding
                                                    row (output 0)
@@ -64,21 +68,35 @@ def two_stream_attention(q, k, v, r, r_w_bias, r_r_bias, *, q_g=None, target_pos
     =====================  ======================  ==================================================
 
     Mask semantics: all given masks combine (a pair is visible only if every
-    mask allows it). The content stream always sees its own position
-    ``j = M + i`` (HF's ``non_tgt_mask``); the query stream does not. A row with
-    no visible key outputs 0 with zero gradient (``empty_rows="zero"``) or, as
-    HF does, the mean of all values (``"uniform"``), with HF's gradient: the
-    softmax Jacobian at the uniform distribution, which autograd yields for HF's
-    ``score - 1e30`` fill although the value no longer depends on the scores.
+    mask allows it). With ``content_sees_self=True`` (XLNet, the default) the
+    content stream always sees its own position ``j = M + i`` (HF's
+    ``non_tgt_mask``); the query stream never does. ``content_sees_self=False``
+    makes the masks mean exactly what they say, as in T5 and BERT-style
+    attention. A row with no visible key outputs 0 with zero gradient
+    (``empty_rows="zero"``) or, as HF does, the mean of all values
+    (``"uniform"``), with HF's gradient: the softmax Jacobian at the uniform
+    distribution, which autograd yields for HF's ``score - 1e30`` fill although
+    the value no longer depends on the scores.
 
-    Other options: ``scale`` defaults to ``1/sqrt(D)``. ``dropout_p`` drops
-    attention probabilities with Philox noise keyed on ``seed`` (drawn from
-    torch's generator when None), identical on every backend.
+    Keys independent of the queries (cross-attention) may be shorter than the
+    queries (``Lk < Lq``) when nothing gives ``M`` a meaning: ``r=None``, no
+    ``t5_bias``, ``causal=False`` and ``content_sees_self=False``.
+
+    Other options: ``scale`` defaults to ``1/sqrt(D)`` (T5: ``scale=1.0``).
+    ``dropout_p`` drops attention probabilities with Philox noise keyed on
+    ``seed`` (drawn from torch's generator when None), identical on every backend.
     ``backend``: "auto" (``PYOBJECTIVES_BACKEND`` overrides) or a name from
     ``pyobjectives.backends.PRIORITY``; an explicit backend raises when it
     cannot run the call instead of falling back.
 
     Returns ``(out_h [B, Lq, H, D], out_g [B, P, H, D] or None)`` in q's dtype.
+
+    Example (T5 encoder self-attention, HF's ``[B, H, L, D]`` projections)::
+
+        out, _ = two_stream_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                      key_padding_mask=attention_mask == 0, t5_bias=table.weight,
+                                      t5_num_buckets=32, t5_max_distance=128, scale=1.0,
+                                      content_sees_self=False, empty_rows="uniform")
     """
     x = check.tensor("q", q, [("B", None), ("Lq", None), ("H", None), ("D", None)], kind="float")
     B, Lq, H, D = x.shape
@@ -88,19 +106,36 @@ def two_stream_attention(q, k, v, r, r_w_bias, r_r_bias, *, q_g=None, target_pos
     bools = dict(kind="bool", device=dev)
     check.tensor("k", k, [("B", B), ("Lk", None), ("H", H), ("D", D)], **floats)
     Lk = k.shape[1]
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    if not isinstance(content_sees_self, bool):
+        raise TypeError(f"content_sees_self must be a bool, got {content_sees_self!r}")
     if Lk < Lq:
-        raise ValueError(f"k must have Lk >= Lq (Lk = M + Lq with M memory positions), got Lk={Lk} < Lq={Lq}")
+        positional = [name for name, on in (("r", r is not None), ("t5_bias", t5_bias is not None),
+                                            ("causal=True", causal), ("content_sees_self=True", content_sees_self))
+                      if on]
+        if positional:
+            raise ValueError(f"k must have Lk >= Lq (Lk = M + Lq with M memory positions) when query and key "
+                             f"positions are related ({', '.join(positional)}), got Lk={Lk} < Lq={Lq}; "
+                             f"cross-attention with shorter keys needs r=None, t5_bias=None, causal=False and "
+                             f"content_sees_self=False")
     check.tensor("v", v, [("B", B), ("Lk", Lk), ("H", H), ("D", D)], **floats)
-    if not isinstance(r, torch.Tensor) or r.dim() not in (3, 4):
-        raise ValueError(f"r must be a tensor of shape [R, H, D] or [B, R, H, D], got "
-                         f"{tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__}")
-    check.tensor("r", r, ([("B", B)] if r.dim() == 4 else []) + [("R", None), ("H", H), ("D", D)], **floats)
-    if r.shape[-3] < Lk + 1:
-        raise ValueError(f"r must have at least Lk + 1 = {Lk + 1} rows (row Lk is distance 0; XLNet passes Lk + Lq, "
-                         f"or Lk + 1 for causal attention), got R={r.shape[-3]}")
     bias_dims = [("H", H), ("D", D)]
-    r_w_bias = check.tensor("r_w_bias", r_w_bias, bias_dims, kind="float", device=dev).to(dt)
-    r_r_bias = check.tensor("r_r_bias", r_r_bias, bias_dims, kind="float", device=dev).to(dt)
+    if r is not None:
+        if not isinstance(r, torch.Tensor) or r.dim() not in (3, 4):
+            raise ValueError(f"r must be a tensor of shape [R, H, D] or [B, R, H, D], got "
+                             f"{tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__}")
+        check.tensor("r", r, ([("B", B)] if r.dim() == 4 else []) + [("R", None), ("H", H), ("D", D)], **floats)
+        if r.shape[-3] < Lk + 1:
+            raise ValueError(f"r must have at least Lk + 1 = {Lk + 1} rows (row Lk is distance 0; XLNet passes "
+                             f"Lk + Lq, or Lk + 1 for causal attention), got R={r.shape[-3]}")
+        if r_w_bias is None or r_r_bias is None:
+            raise ValueError("r (the Transformer-XL position term) needs r_w_bias [H, D] and r_r_bias [H, D]")
+        r_r_bias = check.tensor("r_r_bias", r_r_bias, bias_dims, kind="float", device=dev).to(dt)
+    elif r_r_bias is not None:
+        raise ValueError("r_r_bias was given without r: the position bias only applies to the position term")
+    if r_w_bias is not None:
+        r_w_bias = check.tensor("r_w_bias", r_w_bias, bias_dims, kind="float", device=dev).to(dt)
 
     check.both_or_neither(q_g=q_g, target_pos=target_pos)
     if q_g is not None:
@@ -113,8 +148,6 @@ def two_stream_attention(q, k, v, r, r_w_bias, r_r_bias, *, q_g=None, target_pos
     check.optional("k_rank", k_rank, [("B", B), ("Lk", Lk)], **ints)
     check.optional("attn_mask", attn_mask, [("B", B), ("Lq", Lq), ("Lk", Lk)], **bools)
     check.optional("key_padding_mask", key_padding_mask, [("B", B), ("Lk", Lk)], **bools)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {causal!r}")
 
     check.both_or_neither(seg_q=seg_q, seg_k=seg_k)
     check.optional("seg_q", seg_q, [("B", B), ("Lq", Lq)], **ints)
@@ -149,7 +182,8 @@ def two_stream_attention(q, k, v, r, r_w_bias, r_r_bias, *, q_g=None, target_pos
                   q_rank=q_rank, k_rank=k_rank, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                   causal=causal, seg_q=seg_q, seg_k=seg_k, seg_diff=seg_diff, r_s_bias=r_s_bias,
                   seg_embed=seg_embed, t5_bias=t5_bias, t5_num_buckets=t5_num_buckets,
-                  t5_max_distance=t5_max_distance, t5_bidirectional=bool(t5_bidirectional), scale=scale,
+                  t5_max_distance=t5_max_distance, t5_bidirectional=bool(t5_bidirectional),
+                  content_sees_self=content_sees_self, scale=scale,
                   dropout_p=float(dropout_p), seed=seed, empty_rows=empty_rows)
     _, impl = resolve("two_stream_attention", backend, inputs)
     return impl(**inputs)

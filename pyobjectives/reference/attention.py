@@ -52,24 +52,25 @@ def _dropout_offsets(B: int, H: int, rows: int, Lk: int, base: int, device) -> t
 
 def _stream(qx, pos, row_valid, is_content, *, k, v, r, r_w_bias, r_r_bias, Lq, M, q_rank, k_rank, attn_mask,
             key_padding_mask, causal, seg_q, seg_k, seg_diff, r_s_bias, seg_embed, t5_bias, t5_num_buckets,
-            t5_max_distance, t5_bidirectional, scale, dropout_p, seed, dropout_base, empty_rows, return_probs):
+            t5_max_distance, t5_bidirectional, content_sees_self, scale, dropout_p, seed, dropout_base, empty_rows,
+            return_probs):
     """Attention for one stream: rows ``qx [B, rows, H, D]`` at query positions ``pos [B, rows]``."""
     B, rows, H, _ = qx.shape
     Lk = k.shape[1]
-    R = r.shape[-3]
     dev = qx.device
     j = torch.arange(Lk, device=dev)
 
-    ac = torch.einsum("bihd,bjhd->bhij", qx + r_w_bias, k)
-    r_eq = "brhd" if r.dim() == 4 else "rhd"
-    bd_all = torch.einsum(f"bihd,{r_eq}->bhir", qx + r_r_bias, r)
-    # r row Lq - i + j holds distance (M + i) - j; rows outside [0, R) contribute 0 (spec),
-    # so they read an appended zero column.
-    r_row = Lq - pos[:, :, None] + j
-    r_row = torch.where((r_row >= 0) & (r_row < R), r_row, R)
-    bd_all = torch.nn.functional.pad(bd_all, (0, 1))
-    bd = torch.gather(bd_all, 3, r_row[:, None].expand(B, H, rows, Lk))
-    score = ac + bd
+    score = torch.einsum("bihd,bjhd->bhij", qx if r_w_bias is None else qx + r_w_bias, k)
+    if r is not None:
+        R = r.shape[-3]
+        r_eq = "brhd" if r.dim() == 4 else "rhd"
+        bd_all = torch.einsum(f"bihd,{r_eq}->bhir", qx + r_r_bias, r)
+        # r row Lq - i + j holds distance (M + i) - j; rows outside [0, R) contribute 0 (spec),
+        # so they read an appended zero column.
+        r_row = Lq - pos[:, :, None] + j
+        r_row = torch.where((r_row >= 0) & (r_row < R), r_row, R)
+        bd_all = torch.nn.functional.pad(bd_all, (0, 1))
+        score = score + torch.gather(bd_all, 3, r_row[:, None].expand(B, H, rows, Lk))
 
     differ = None
     if seg_q is not None:
@@ -95,8 +96,8 @@ def _stream(qx, pos, row_valid, is_content, *, k, v, r, r_w_bias, r_r_bias, Lq, 
         visible &= ~key_padding_mask[:, None, :]
     if causal:
         visible &= j[None, None, :] <= M + pos[:, :, None]
-    if is_content:
-        # A token's content always sees itself, whatever the masks say (HF's non_tgt_mask).
+    if is_content and content_sees_self:
+        # XLNet: a token's content always sees itself, whatever the masks say (HF's non_tgt_mask).
         visible |= j[None, None, :] == M + pos[:, :, None]
     visible = visible[:, None]
 
@@ -124,11 +125,11 @@ def _stream(qx, pos, row_valid, is_content, *, k, v, r, r_w_bias, r_r_bias, Lq, 
     return out, (probs if return_probs else None)
 
 
-def two_stream_attention(q, k, v, r, r_w_bias, r_r_bias, *, q_g=None, target_pos=None, q_rank=None, k_rank=None,
-                         attn_mask=None, key_padding_mask=None, causal=False, seg_q=None, seg_k=None, seg_diff=None,
-                         r_s_bias=None, seg_embed=None, t5_bias=None, t5_num_buckets=32, t5_max_distance=128,
-                         t5_bidirectional=True, scale=None, dropout_p=0.0, seed=None, empty_rows="zero",
-                         upcast=False, return_probs=False):
+def two_stream_attention(q, k, v, r=None, r_w_bias=None, r_r_bias=None, *, q_g=None, target_pos=None, q_rank=None,
+                         k_rank=None, attn_mask=None, key_padding_mask=None, causal=False, seg_q=None, seg_k=None,
+                         seg_diff=None, r_s_bias=None, seg_embed=None, t5_bias=None, t5_num_buckets=32,
+                         t5_max_distance=128, t5_bidirectional=True, content_sees_self=True, scale=None,
+                         dropout_p=0.0, seed=None, empty_rows="zero", upcast=False, return_probs=False):
     """Reference two-stream relative attention; arguments as :func:`pyobjectives.two_stream_attention`.
 
     ``upcast=True`` computes in float32 for half / bfloat16 inputs (outputs are
@@ -151,7 +152,8 @@ def two_stream_attention(q, k, v, r, r_w_bias, r_r_bias, *, q_g=None, target_pos
                   k_rank=k_rank, attn_mask=attn_mask, key_padding_mask=key_padding_mask, causal=causal, seg_q=seg_q,
                   seg_k=seg_k, seg_diff=seg_diff, r_s_bias=r_s_bias, seg_embed=seg_embed, t5_bias=t5_bias,
                   t5_num_buckets=t5_num_buckets, t5_max_distance=t5_max_distance, t5_bidirectional=t5_bidirectional,
-                  scale=scale, dropout_p=dropout_p, seed=seed, empty_rows=empty_rows, return_probs=return_probs)
+                  content_sees_self=content_sees_self, scale=scale, dropout_p=dropout_p, seed=seed,
+                  empty_rows=empty_rows, return_probs=return_probs)
     content_pos = torch.arange(Lq, device=q.device).expand(B, Lq)
     out_h, probs_h = _stream(q, content_pos, None, True, dropout_base=0, **shared)
     out_g = probs_g = None
