@@ -98,6 +98,19 @@ def _attention_case(device, dtype):
     return shape, grads, fixed, functional.two_stream_attention, reference.two_stream_attention
 
 
+def _t5_attention_case(device, dtype):
+    """T5 encoder self-attention: no r, the bucket table read in-kernel, padding, scale 1."""
+    B, L, H, D, buckets = 2, 96, 4, 32, 32
+    g = torch.Generator().manual_seed(3)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device)  # noqa: E731
+    padding = torch.arange(L)[None, :] >= torch.tensor([[L], [L - 17]])
+    grads = dict(q=rnd(B, L, H, D), k=rnd(B, L, H, D), v=rnd(B, L, H, D), t5_bias=rnd(buckets, H))
+    fixed = dict(key_padding_mask=padding.to(device), t5_num_buckets=buckets, t5_max_distance=40, scale=1.0,
+                 content_sees_self=False, empty_rows="uniform")
+    return (f"B{B} L{L} H{H} D{D} t5 padding", grads, fixed, functional.two_stream_attention,
+            reference.two_stream_attention)
+
+
 def _rtd_case(device, dtype):
     B, L, Dd = 8, 128, 64
     g = torch.Generator().manual_seed(1)
@@ -124,7 +137,8 @@ def _lce_case(device, dtype):
     return f"N{N} E{E} V{V}", grads, fixed, functional.linear_cross_entropy, reference.linear_cross_entropy
 
 
-CASES = {"two_stream_attention": _attention_case, "rtd_loss": _rtd_case, "linear_cross_entropy": _lce_case}
+CASES = [("two_stream_attention", _attention_case), ("two_stream_attention", _t5_attention_case),
+         ("rtd_loss", _rtd_case), ("linear_cross_entropy", _lce_case)]
 
 
 def _run(fn: Callable, grads: dict, fixed: dict, dtype, **kw):
@@ -164,7 +178,7 @@ def compare(dtypes=("float32",), repeats: int = 5) -> list[dict]:
              f"{'ref err':>9} {'policy':>6} {'ms':>9} {'vs ref':>7}"
     print(header)
     print("-" * len(header))
-    for op, make in CASES.items():
+    for op, make in CASES:
         for dtype_name in dtypes:
             dtype = getattr(torch, dtype_name)
             for backend in PRIORITY:

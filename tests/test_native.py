@@ -21,11 +21,11 @@ def attention_args(x, kw, dropout_p=0.0, seed=0, empty_uniform=False):
     """Positional arguments of two_stream_attention_fwd, in schema order."""
     g = lambda n, default=None: kw.get(n, default)  # noqa: E731
     D = x["q"].shape[-1]
-    return (x["q"], x["k"], x["v"], x["r"], x["r_w_bias"], x["r_r_bias"], g("q_g"), g("target_pos"), g("q_rank"),
+    return (x["q"], x["k"], x["v"], x.get("r"), x.get("r_w_bias"), x.get("r_r_bias"), g("q_g"), g("target_pos"), g("q_rank"),
             g("k_rank"), g("attn_mask"), g("key_padding_mask"), bool(g("causal", False)), g("seg_q"), g("seg_k"),
             g("seg_diff"), g("r_s_bias"), g("seg_embed"), g("t5_bias"), g("t5_num_buckets", 32),
-            g("t5_max_distance", 128), bool(g("t5_bidirectional", True)), 1.0 / math.sqrt(D), dropout_p, seed,
-            empty_uniform)
+            g("t5_max_distance", 128), bool(g("t5_bidirectional", True)), bool(g("content_sees_self", True)),
+            1.0 / math.sqrt(D), dropout_p, seed, empty_uniform)
 
 
 def float_leaves(x, kw, dtype=torch.float32):
@@ -39,9 +39,17 @@ def float_leaves(x, kw, dtype=torch.float32):
     pytest.param(ATTN_FEATURES, 0.0, id="all-features"),
     pytest.param(("query", "dense", "seg_dense", "causal"), 0.2, id="dense-causal-dropout"),
     pytest.param((), 0.0, id="content-only"),
+    pytest.param(("padding", "t5", "no_r"), 0.0, id="t5-no-r"),
+    pytest.param(("padding", "no_r", "cross"), 0.2, id="cross-attention-dropout"),
 ])
 def test_opcheck_attention(features, dropout_p):
-    x, kw = float_leaves(*make_inputs(B=2, Lq=9, M=3, H=2, D=8, P=4, features=features))
+    x, kw = make_inputs(B=2, Lq=9, M=3, H=2, D=8, P=4, features=features)
+    if "no_r" in features:  # T5 / plain attention: no position term, masks as given
+        del x["r"], x["r_r_bias"]
+        kw["content_sees_self"] = False
+    if "cross" in features:  # keys shorter than the queries
+        x["k"], x["v"], kw["key_padding_mask"] = x["k"][:, :5], x["v"][:, :5], kw["key_padding_mask"][:, :5]
+    x, kw = float_leaves(x, kw)
     torch.library.opcheck(torch.ops.pyobjectives.two_stream_attention_fwd,
                           attention_args(x, kw, dropout_p=dropout_p, seed=5))
 
