@@ -179,6 +179,7 @@ CASES = {
     "t5-padding-labels": ("t5", dict(), dict()),
     "t5-longer-than-max_distance": ("t5", dict(), dict(Ls=23, Lt=17)),
     "t5-gated-gelu": ("t5", dict(feed_forward_proj="gated-gelu"), dict()),
+    "t5-source-shorter-than-target": ("t5", dict(), dict(Ls=5, Lt=11)),
     "t5-3-layers-no-padding": ("t5", dict(num_layers=3, num_decoder_layers=3), dict(padding=False)),
     "mt5": ("mt5", dict(), dict(Ls=15)),
     "umt5": ("umt5", dict(), dict(Ls=15, Lt=13)),
@@ -325,7 +326,8 @@ def test_patch_keeps_parameters_and_state_dict():
     assert list(model.state_dict()) == list(state)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert all(m is modules[n] for n, m in model.named_modules())
-    assert patch_t5(model) is model  # patching twice is harmless
+    assert patch_t5(model, backend="reference") is model  # patching again only changes the backend
+    assert model.decoder.block[1].layer[1].EncDecAttention._pyobjectives_backend == "reference"
     assert list(model.state_dict()) == list(state)
     fresh = make_model(T5ForConditionalGeneration, tiny_config())
     patch_t5(fresh).load_state_dict(model.state_dict())
@@ -486,6 +488,8 @@ def test_refuses_static_caches_and_dense_bias():
     with pytest.raises(ValueError, match="static / sliding-window caches are not supported"):
         patched.generate(input_ids=inputs["input_ids"], max_new_tokens=3, cache_implementation="static")
     attn = patched.encoder.block[0].layer[0].SelfAttention
+    with pytest.raises(ValueError, match="layer_head_mask is not supported"):
+        attn(torch.randn(B, 4, 32), layer_head_mask=torch.ones(4))
     with pytest.raises(ValueError, match="dense position_bias"):
         attn(torch.randn(B, 4, 32), position_bias=torch.zeros(1, 4, 4, 4))
     attn.config._attn_implementation_internal = "flex_attention"  # its masks are BlockMasks

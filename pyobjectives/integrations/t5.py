@@ -127,7 +127,7 @@ class _PatchedT5AttentionMixin:
 
         table = None
         if not is_cross:
-            if not isinstance(past, int) or Lk != past + Lq:
+            if isinstance(past, torch.Tensor) or Lk != past + Lq:  # ints (SymInts under torch.compile) only
                 raise ValueError(f"patch_t5: the self-attention cache must hold exactly the past keys "
                                  f"(DynamicCache); got {Lk} keys for {past!r} past + {Lq} new positions from "
                                  f"{type(curr_cache).__name__} (static / sliding-window caches are not supported)")
