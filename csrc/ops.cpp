@@ -77,37 +77,49 @@ struct AttentionInputs {
   Tensor t5_bucket;          // [Lq + Lk - 1] bucket of each relative distance
 };
 
-AttentionInputs attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& r,
-                                 const Tensor& r_w_bias, const Tensor& r_r_bias, const OptTensor& q_g,
+AttentionInputs attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& r,
+                                 const OptTensor& r_w_bias, const OptTensor& r_r_bias, const OptTensor& q_g,
                                  const OptTensor& target_pos, const OptTensor& q_rank, const OptTensor& k_rank,
                                  const OptTensor& attn_mask, const OptTensor& key_padding_mask, bool causal,
                                  const OptTensor& seg_q, const OptTensor& seg_k, const OptTensor& seg_diff,
                                  const OptTensor& r_s_bias, const OptTensor& seg_embed, const OptTensor& t5_bias,
                                  int64_t t5_num_buckets, int64_t t5_max_distance, bool t5_bidirectional,
-                                 double scale, double dropout_p, int64_t seed, bool empty_uniform) {
+                                 bool content_sees_self, double scale, double dropout_p, int64_t seed,
+                                 bool empty_uniform) {
   CHECK_DIM(q, 4);
   CHECK_FLOATING(q);
   const auto dev = q.device();
   const int64_t B = q.size(0), Lq = q.size(1), H = q.size(2), D = q.size(3);
   CHECK_DIM(k, 4);
   const int64_t Lk = k.size(1);
-  TORCH_CHECK(Lk >= Lq, "k must have Lk >= Lq (Lk = M + Lq), got Lk=", Lk, " < Lq=", Lq);
+  // Shorter keys only mean something for cross-attention, where no rule relates key and query positions.
+  TORCH_CHECK(Lk >= Lq || !(r.has_value() || t5_bias.has_value() || causal || content_sees_self),
+              "k must have Lk >= Lq (Lk = M + Lq) with r, t5_bias, causal or content_sees_self, got Lk=", Lk,
+              " < Lq=", Lq);
   CHECK_SHAPE(k, B, Lk, H, D);
   CHECK_SHAPE(v, B, Lk, H, D);
-  TORCH_CHECK(r.dim() == 3 || r.dim() == 4, "r must have shape [R, H, D] or [B, R, H, D], got ", r.sizes());
-  const int64_t R = r.size(-3);
-  if (r.dim() == 4) {
-    CHECK_SHAPE(r, B, R, H, D);
-  } else {
-    CHECK_SHAPE(r, R, H, D);
-  }
-  TORCH_CHECK(R >= Lk + 1, "r must have at least Lk + 1 = ", Lk + 1, " rows (row Lk is distance 0), got R=", R);
-  for (const Tensor* t : {&k, &v, &r}) {
+  for (const Tensor* t : {&k, &v}) {
     CHECK_DTYPE(*t, q.scalar_type());
     CHECK_DEVICE(*t, dev);
   }
-  CHECK_SHAPE(r_w_bias, H, D);
-  CHECK_SHAPE(r_r_bias, H, D);
+  int64_t R = 0;
+  if (r.has_value()) {
+    TORCH_CHECK(r->dim() == 3 || r->dim() == 4, "r must have shape [R, H, D] or [B, R, H, D], got ", r->sizes());
+    R = r->size(-3);
+    if (r->dim() == 4) {
+      CHECK_SHAPE(*r, B, R, H, D);
+    } else {
+      CHECK_SHAPE(*r, R, H, D);
+    }
+    TORCH_CHECK(R >= Lk + 1, "r must have at least Lk + 1 = ", Lk + 1, " rows (row Lk is distance 0), got R=", R);
+    CHECK_DTYPE(*r, q.scalar_type());
+    CHECK_DEVICE(*r, dev);
+    TORCH_CHECK(r_w_bias.has_value() && r_r_bias.has_value(), "r needs r_w_bias [H, D] and r_r_bias [H, D]");
+  } else {
+    TORCH_CHECK(!r_r_bias.has_value(), "r_r_bias was given without r");
+  }
+  if (r_w_bias.has_value()) CHECK_SHAPE(*r_w_bias, H, D);
+  if (r_r_bias.has_value()) CHECK_SHAPE(*r_r_bias, H, D);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
   TORCH_CHECK(seed >= 0, "seed must be non-negative, got ", seed);
 
@@ -115,13 +127,14 @@ AttentionInputs attention_inputs(const Tensor& q, const Tensor& k, const Tensor&
   po::AttentionParams& p = in.p;
   p.dtype = to_dtype(q.scalar_type());
   p.B = B, p.Lq = Lq, p.Lk = Lk, p.M = Lk - Lq, p.H = H, p.D = D, p.R = R;
-  p.q = strided4(q), p.k = strided4(k), p.v = strided4(v), p.r = strided4(r);
+  p.q = strided4(q), p.k = strided4(k), p.v = strided4(v);
+  if (r.has_value()) p.r = strided4(*r);
   auto keep = [&](Tensor t) {
     in.keep.push_back(t);
     return t;
   };
-  p.r_w_bias = keep(f32c(r_w_bias)).data_ptr<float>();
-  p.r_r_bias = keep(f32c(r_r_bias)).data_ptr<float>();
+  if (r_w_bias.has_value()) p.r_w_bias = keep(f32c(*r_w_bias)).data_ptr<float>();
+  if (r_r_bias.has_value()) p.r_r_bias = keep(f32c(*r_r_bias)).data_ptr<float>();
   TORCH_CHECK(q_g.has_value() == target_pos.has_value(), "q_g and target_pos go together");
   if (q_g.has_value()) {
     CHECK_DIM(*q_g, 4);
@@ -192,6 +205,7 @@ AttentionInputs attention_inputs(const Tensor& q, const Tensor& k, const Tensor&
     Tensor table = f32c(*t5_bias).index_select(0, in.t5_bucket).t().contiguous();  // [H, n_dist]
     p.t5_dist = keep(table).data_ptr<float>();
   }
+  p.content_sees_self = content_sees_self;
   p.scale = float(scale);
   p.dropout_p = float(dropout_p);
   p.seed = uint64_t(seed);
@@ -200,16 +214,17 @@ AttentionInputs attention_inputs(const Tensor& q, const Tensor& k, const Tensor&
 }
 
 #define ATTENTION_ARGS                                                                                             \
-  const Tensor &q, const Tensor &k, const Tensor &v, const Tensor &r, const Tensor &r_w_bias,                      \
-      const Tensor &r_r_bias, const OptTensor &q_g, const OptTensor &target_pos, const OptTensor &q_rank,          \
+  const Tensor &q, const Tensor &k, const Tensor &v, const OptTensor &r, const OptTensor &r_w_bias,             \
+      const OptTensor &r_r_bias, const OptTensor &q_g, const OptTensor &target_pos, const OptTensor &q_rank,          \
       const OptTensor &k_rank, const OptTensor &attn_mask, const OptTensor &key_padding_mask, bool causal,         \
       const OptTensor &seg_q, const OptTensor &seg_k, const OptTensor &seg_diff, const OptTensor &r_s_bias,        \
       const OptTensor &seg_embed, const OptTensor &t5_bias, int64_t t5_num_buckets, int64_t t5_max_distance,       \
-      bool t5_bidirectional, double scale, double dropout_p, int64_t seed, bool empty_uniform
+      bool t5_bidirectional, bool content_sees_self, double scale, double dropout_p, int64_t seed,                \
+      bool empty_uniform
 #define ATTENTION_NAMES                                                                                           \
   q, k, v, r, r_w_bias, r_r_bias, q_g, target_pos, q_rank, k_rank, attn_mask, key_padding_mask, causal, seg_q,     \
-      seg_k, seg_diff, r_s_bias, seg_embed, t5_bias, t5_num_buckets, t5_max_distance, t5_bidirectional, scale,     \
-      dropout_p, seed, empty_uniform
+      seg_k, seg_diff, r_s_bias, seg_embed, t5_bias, t5_num_buckets, t5_max_distance, t5_bidirectional,           \
+      content_sees_self, scale, dropout_p, seed, empty_uniform
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> two_stream_attention_fwd_cpu(ATTENTION_ARGS) {
   AttentionInputs in = attention_inputs(ATTENTION_NAMES);
@@ -264,11 +279,14 @@ std::vector<Tensor> two_stream_attention_bwd_cpu(const Tensor& do_h, const Tenso
   const auto dt = q.scalar_type();
   Tensor dk_out = dk.permute({0, 2, 1, 3}).to(dt).contiguous();
   Tensor dv_out = dv.permute({0, 2, 1, 3}).to(dt).contiguous();
-  Tensor dr_out = r.dim() == 3 ? dr.sum(0).permute({1, 0, 2}).to(dt).contiguous()
-                               : dr.permute({0, 2, 1, 3}).to(dt).contiguous();
   Tensor bias_sum = dbias.sum(0);  // [H, 3, D]
-  Tensor d_rw = bias_sum.select(1, 0).to(r_w_bias.scalar_type()).contiguous();
-  Tensor d_rr = bias_sum.select(1, 1).to(r_r_bias.scalar_type()).contiguous();
+  Tensor dr_out = at::empty({0}, opts), d_rw = at::empty({0}, opts), d_rr = at::empty({0}, opts);
+  if (r.has_value()) {
+    dr_out = r->dim() == 3 ? dr.sum(0).permute({1, 0, 2}).to(dt).contiguous()
+                           : dr.permute({0, 2, 1, 3}).to(dt).contiguous();
+    d_rr = bias_sum.select(1, 1).to(r_r_bias->scalar_type()).contiguous();
+  }
+  if (r_w_bias.has_value()) d_rw = bias_sum.select(1, 0).to(r_w_bias->scalar_type()).contiguous();
   Tensor d_rs = at::empty({0}, opts), d_se = at::empty({0}, opts), d_t5 = at::empty({0}, opts);
   if (p.has_segments()) {
     d_rs = bias_sum.select(1, 2).to(r_s_bias->scalar_type()).contiguous();
@@ -522,10 +540,11 @@ Tensor philox_uniform_run_cpu(int64_t seed, const Tensor& start_offset, int64_t 
 }  // namespace
 
 #define ATTENTION_SCHEMA                                                                                       \
-  "Tensor q, Tensor k, Tensor v, Tensor r, Tensor r_w_bias, Tensor r_r_bias, Tensor? q_g, Tensor? target_pos, " \
+  "Tensor q, Tensor k, Tensor v, Tensor? r, Tensor? r_w_bias, Tensor? r_r_bias, Tensor? q_g, Tensor? target_pos, " \
   "Tensor? q_rank, Tensor? k_rank, Tensor? attn_mask, Tensor? key_padding_mask, bool causal, Tensor? seg_q, "   \
   "Tensor? seg_k, Tensor? seg_diff, Tensor? r_s_bias, Tensor? seg_embed, Tensor? t5_bias, int t5_num_buckets, "  \
-  "int t5_max_distance, bool t5_bidirectional, float scale, float dropout_p, int seed, bool empty_uniform"
+  "int t5_max_distance, bool t5_bidirectional, bool content_sees_self, float scale, float dropout_p, int seed, "  \
+  "bool empty_uniform"
 
 TORCH_LIBRARY(pyobjectives, m) {
   m.def("two_stream_attention_fwd(" ATTENTION_SCHEMA ") -> (Tensor out_h, Tensor out_g, Tensor lse_h, Tensor lse_g)");

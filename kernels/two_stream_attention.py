@@ -111,7 +111,7 @@ def _tile_scores(
     s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr,
     s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, IS_CONTENT: tl.constexpr, HAS_RANK: tl.constexpr,
     HAS_DENSE: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, SEG_IDS: tl.constexpr,
-    SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr, DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr, HAS_R: tl.constexpr, SEES_SELF: tl.constexpr, DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BAND: tl.constexpr,
 ):
     """Scores ``s`` (fp32, before masking), visibility ``vis`` and "segments differ" of one tile."""
@@ -120,12 +120,13 @@ def _tile_scores(
     key_ok = offs_n < Lk
     # bias . k and bias . r come precomputed per key / per r row (fp32, O(B*H*L)); see _Launch.
     wk = tl.load(wk_ptr + (b * H + h) * Lk + offs_n, mask=key_ok, other=0.0)
-    t = Lq - (m0 + BM - 1) + n0 + tl.arange(0, BAND)
-    rrr = tl.load(rrr_ptr + (b * H + h) * R + t, mask=(t >= 0) & (t < R), other=0.0)
-    ac = _dot(xq, tl.trans(k), DOT_PREC) + wk[None, :]
-    band = _dot(xq, tl.trans(rband), DOT_PREC) + rrr[None, :]
-    skew = (m0 + BM - 1 - pos)[:, None] + tl.arange(0, BN)[None, :]
-    s = ac + tl.gather(band, skew, axis=1)
+    s = _dot(xq, tl.trans(k), DOT_PREC) + wk[None, :]
+    if HAS_R:
+        t = Lq - (m0 + BM - 1) + n0 + tl.arange(0, BAND)
+        rrr = tl.load(rrr_ptr + (b * H + h) * R + t, mask=(t >= 0) & (t < R), other=0.0)
+        band = _dot(xq, tl.trans(rband), DOT_PREC) + rrr[None, :]
+        skew = (m0 + BM - 1 - pos)[:, None] + tl.arange(0, BN)[None, :]
+        s += tl.gather(band, skew, axis=1)
     if SEG_IDS:
         segk = tl.load(segk_ptr + b * s_segk_b + offs_n, mask=key_ok, other=0)
         differ = segq_row[:, None] != segk[None, :]
@@ -163,7 +164,8 @@ def _tile_scores(
     if CAUSAL:
         vis = vis & (offs_n[None, :] <= M + pos[:, None])
     if IS_CONTENT:
-        vis = vis | (row_ok[:, None] & (offs_n[None, :] == M + pos[:, None]))
+        if SEES_SELF:
+            vis = vis | (row_ok[:, None] & (offs_n[None, :] == M + pos[:, None]))
     return s, vis, differ
 
 
@@ -266,7 +268,7 @@ def _fwd_rows(
     mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed,
     dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT: tl.constexpr, ROWS: tl.constexpr, HAS_RANK: tl.constexpr,
     HAS_DENSE: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, SEG_IDS: tl.constexpr,
-    SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr, HAS_DROPOUT: tl.constexpr, EMPTY_UNIFORM: tl.constexpr,
+    SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr, HAS_R: tl.constexpr, SEES_SELF: tl.constexpr, HAS_DROPOUT: tl.constexpr, EMPTY_UNIFORM: tl.constexpr,
     DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND: tl.constexpr,
 ):
     rows, pos, row_ok, drop_off = _row_set(
@@ -289,13 +291,15 @@ def _fwd_rows(
         kv_mask = key_ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + b * s_kb + offs_n[:, None] * s_kl + h * s_kh + d[None, :] * s_kd, mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + b * s_vb + offs_n[:, None] * s_vl + h * s_vh + d[None, :] * s_vd, mask=kv_mask, other=0.0)
-        rband = _load_band(r_ptr + b * s_rb + h * s_rh, s_rr, s_rd, Lq - (m0 + BM - 1) + n0, R, D, BAND, BD)
+        rband = k  # placeholder: read only with HAS_R
+        if HAS_R:
+            rband = _load_band(r_ptr + b * s_rb + h * s_rh, s_rr, s_rd, Lq - (m0 + BM - 1) + n0, R, D, BAND, BD)
         s, vis, differ = _tile_scores(
             xq, rw, rr, e0, e1, k, rband, pos, row_ok, qrank_row, segq_row, n0, m0, b, h, Lq, Lk, M, scale, wk_ptr,
             rrr_ptr, H, R, krank_ptr,
             s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k,
             segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, IS_CONTENT, HAS_RANK, HAS_DENSE, HAS_KPM,
-            CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, DOT_PREC, BM, BN, BAND,
+            CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_R, SEES_SELF, DOT_PREC, BM, BN, BAND,
         )
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -346,7 +350,7 @@ def _bwd_rows_setup(
     s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r,
     seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT: tl.constexpr, ROWS: tl.constexpr,
     HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-    SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr, HAS_R: tl.constexpr, SEES_SELF: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     BAND: tl.constexpr,
 ):
@@ -379,7 +383,7 @@ def _bwd_tile(
     krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b,
     s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H,
     Lq, Lk, M, R, P, D, IS_CONTENT: tl.constexpr, HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr,
-    HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr,
+    HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr, HAS_R: tl.constexpr, SEES_SELF: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, BD: tl.constexpr, BAND: tl.constexpr,
 ):
@@ -389,7 +393,7 @@ def _bwd_tile(
         rrr_ptr, H, R, krank_ptr,
         s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr,
         s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, IS_CONTENT, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL,
-        SEG_IDS, SEG_DENSE, HAS_T5, DOT_PREC, BM, BN, BAND,
+        SEG_IDS, SEG_DENSE, HAS_T5, HAS_R, SEES_SELF, DOT_PREC, BM, BN, BAND,
     )
     key_ok = (n0 + tl.arange(0, BN)) < Lk
     p = _probs(s, vis, lse, lse == float("inf"), row_ok, key_ok, Lk, EMPTY_UNIFORM)
@@ -425,7 +429,7 @@ def _dq_rows(
     krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b,
     s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H,
     Lq, Lk, M, R, P, D, IS_CONTENT: tl.constexpr, ROWS: tl.constexpr, HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr,
-    HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr,
+    HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr, HAS_R: tl.constexpr, SEES_SELF: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, BD: tl.constexpr, BAND: tl.constexpr,
 ):
@@ -437,7 +441,7 @@ def _dq_rows(
         s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b,
         segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr,
         s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT, ROWS, HAS_RANK, HAS_DENSE,
-        HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC, BM, BN, BD, BAND,
+        HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_R, SEES_SELF, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC, BM, BN, BD, BAND,
     )
     m0 = m_blk * BM
     d = tl.arange(0, BD)
@@ -448,7 +452,9 @@ def _dq_rows(
     de1 = tl.zeros([ROWS], dtype=tl.float32)
     for n0 in range(0, Lk, BN):
         k, v = _load_kv(b, h, n0, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, Lk, D, BN, BD)
-        rband = _load_band(r_ptr + b * s_rb + h * s_rh, s_rr, s_rd, Lq - (m0 + BM - 1) + n0, R, D, BAND, BD)
+        rband = k  # placeholder: read only with HAS_R
+        if HAS_R:
+            rband = _load_band(r_ptr + b * s_rb + h * s_rh, s_rr, s_rd, Lq - (m0 + BM - 1) + n0, R, D, BAND, BD)
         pd, ds, differ = _bwd_tile(
             xq, rw, rr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do, lse, delta, drop_off, n0, m0, b, h,
             k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr,
@@ -457,11 +463,12 @@ def _dq_rows(
             qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr,
             s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h,
             s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT, HAS_RANK, HAS_DENSE, HAS_KPM,
-            CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC, BM, BN, BD, BAND,
+            CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_R, SEES_SELF, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC, BM, BN, BD, BAND,
         )
         dsc = ds * scale
         acc_ac += _dot(dsc.to(k.dtype), k, DOT_PREC)
-        acc_bd += _dot(_unskew(dsc, pos, m0, BM, BN, BAND).to(rband.dtype), rband, DOT_PREC)
+        if HAS_R:
+            acc_bd += _dot(_unskew(dsc, pos, m0, BM, BN, BAND).to(rband.dtype), rband, DOT_PREC)
         if SEG_IDS or SEG_DENSE:
             de1 += tl.sum(tl.where(differ, dsc, 0.0), axis=1)
             de0 += tl.sum(tl.where(differ, 0.0, dsc), axis=1)
@@ -495,7 +502,7 @@ def _dq_kernel(
     s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr,
     s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D,
     HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-    SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr, HAS_R: tl.constexpr, SEES_SELF: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     BAND: tl.constexpr, BQ: tl.constexpr,
 ):
@@ -511,7 +518,7 @@ def _dq_kernel(
             s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr,
             s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q,
             s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, True, BM, HAS_RANK,
-            HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC, BM, BN, BD,
+            HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_R, SEES_SELF, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC, BM, BN, BD,
             BAND,
         )
     else:
@@ -525,7 +532,7 @@ def _dq_kernel(
             s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b,
             kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k,
             segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M,
-            R, P, D, False, BQ, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT,
+            R, P, D, False, BQ, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_R, SEES_SELF, HAS_DROPOUT,
             EMPTY_UNIFORM, DOT_PREC, BM, BN, BD, BAND,
         )
 
@@ -540,7 +547,7 @@ def _kv_rows(
     s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k,
     t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT: tl.constexpr,
     ROWS: tl.constexpr, HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-    SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr, HAS_R: tl.constexpr, SEES_SELF: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     BAND: tl.constexpr,
 ):
@@ -552,10 +559,12 @@ def _kv_rows(
         s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b,
         segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr,
         s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT, ROWS, HAS_RANK, HAS_DENSE,
-        HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC, BM, BN, BD, BAND,
+        HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_R, SEES_SELF, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC, BM, BN, BD, BAND,
     )
     m0 = m_blk * BM
-    rband = _load_band(r_ptr + b * s_rb + h * s_rh, s_rr, s_rd, Lq - (m0 + BM - 1) + n0, R, D, BAND, BD)
+    rband = k  # placeholder: read only with HAS_R
+    if HAS_R:
+        rband = _load_band(r_ptr + b * s_rb + h * s_rh, s_rr, s_rd, Lq - (m0 + BM - 1) + n0, R, D, BAND, BD)
     pd, ds, differ = _bwd_tile(
         xq, rw, rr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do, lse, delta, drop_off, n0, m0, b, h,
         k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr,
@@ -563,7 +572,7 @@ def _kv_rows(
         s_tpos_p, qrank_ptr,
         s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr,
         s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p,
-        scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5,
+        scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_R, SEES_SELF,
         HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC, BM, BN, BD, BAND,
     )
     dv += _dot(tl.trans(pd.to(do.dtype)), do, DOT_PREC)
@@ -583,7 +592,7 @@ def _dkdv_kernel(
     krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b,
     s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H,
     Lq, Lk, M, R, P, D, HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-    SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr, HAS_R: tl.constexpr, SEES_SELF: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     BAND: tl.constexpr, BQ: tl.constexpr,
 ):
@@ -602,7 +611,7 @@ def _dkdv_kernel(
             s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b,
             s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr,
             s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D,
-            True, BM, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM,
+            True, BM, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_R, SEES_SELF, HAS_DROPOUT, EMPTY_UNIFORM,
             DOT_PREC, BM, BN, BD, BAND,
         )
     for c in range(tl.load(chunk_ptr_ptr + b), tl.load(chunk_ptr_ptr + b + 1)):
@@ -615,7 +624,7 @@ def _dkdv_kernel(
             s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b,
             s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr,
             s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D,
-            False, BQ, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM,
+            False, BQ, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_R, SEES_SELF, HAS_DROPOUT, EMPTY_UNIFORM,
             DOT_PREC, BM, BN, BD, BAND,
         )
     offs_n = n0 + tl.arange(0, BN)
@@ -643,7 +652,7 @@ def _dr_rows(
     s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k,
     t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT: tl.constexpr,
     ROWS: tl.constexpr, HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-    SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr, HAS_R: tl.constexpr, SEES_SELF: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     BAND: tl.constexpr,
 ):
@@ -655,7 +664,7 @@ def _dr_rows(
         s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b,
         segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr,
         s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT, ROWS, HAS_RANK, HAS_DENSE,
-        HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC, BM, BN, BD, BAND,
+        HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_R, SEES_SELF, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC, BM, BN, BD, BAND,
     )
     m0 = m_blk * BM
     n0 = m0 + diag * BN
@@ -667,13 +676,15 @@ def _dr_rows(
         s_tpos_p, qrank_ptr,
         s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr,
         s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p,
-        scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5,
+        scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_R, SEES_SELF,
         HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC, BM, BN, BD, BAND,
     )
     dband = _unskew(ds, pos, m0, BM, BN, BAND)
-    dt += tl.sum(dband, axis=0)
-    dband = dband * scale
-    dr += _dot(tl.trans(dband.to(xq.dtype)), xq, DOT_PREC) + tl.sum(dband, axis=0)[:, None] * rr[None, :]
+    if HAS_T5:
+        dt += tl.sum(dband, axis=0)
+    if HAS_R:
+        dband = dband * scale
+        dr += _dot(tl.trans(dband.to(xq.dtype)), xq, DOT_PREC) + tl.sum(dband, axis=0)[:, None] * rr[None, :]
     return dr, dt
 
 
@@ -688,16 +699,19 @@ def _dr_kernel(
     s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr,
     s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D,
     HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-    SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr, HAS_R: tl.constexpr, SEES_SELF: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     BAND: tl.constexpr, BQ: tl.constexpr,
 ):
-    """One program per block diagonal (n_blk - m_blk): its tiles share one r band (BN == BM here)."""
+    """One program per block diagonal (n_blk - m_blk): its tiles share one r band (BN == BM here).
+    Without r it only sums the T5 per-distance gradient."""
     i_diag = tl.program_id(0)
     diag = i_diag - (n_mb - 1)
     b = tl.program_id(1) // H
     h = tl.program_id(1) % H
-    rband = _load_band(r_ptr + b * s_rb + h * s_rh, s_rr, s_rd, Lq - (BM - 1) + diag * BN, R, D, BAND, BD)
+    rband = tl.zeros([BAND, BD], dtype=tl.float32)  # placeholder: read only with HAS_R
+    if HAS_R:
+        rband = _load_band(r_ptr + b * s_rb + h * s_rh, s_rr, s_rd, Lq - (BM - 1) + diag * BN, R, D, BAND, BD)
     dr = tl.zeros([BAND, BD], dtype=tl.float32)
     dt = tl.zeros([BAND], dtype=tl.float32)
     for m_blk in range(tl.maximum(0, -diag), tl.minimum(n_mb, n_nb - diag)):
@@ -709,7 +723,7 @@ def _dr_kernel(
             s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b,
             s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr,
             s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D,
-            True, BM, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM,
+            True, BM, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_R, SEES_SELF, HAS_DROPOUT, EMPTY_UNIFORM,
             DOT_PREC, BM, BN, BD, BAND,
         )
     for c in range(tl.load(chunk_ptr_ptr + b), tl.load(chunk_ptr_ptr + b + 1)):
@@ -724,7 +738,7 @@ def _dr_kernel(
                 tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l,
                 segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b,
                 s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, False,
-                BQ, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM,
+                BQ, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_R, SEES_SELF, HAS_DROPOUT, EMPTY_UNIFORM,
                 DOT_PREC, BM, BN, BD, BAND,
             )
     base = (b * H + h) * (n_mb + n_nb - 1) + i_diag
@@ -744,7 +758,7 @@ def _fwd_kernel(
     s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr,
     s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p,
     scale, B, H, Lq, Lk, M, R, P, D, HAS_RANK: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_KPM: tl.constexpr,
-    CAUSAL: tl.constexpr, SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr,
+    CAUSAL: tl.constexpr, SEG_IDS: tl.constexpr, SEG_DENSE: tl.constexpr, HAS_T5: tl.constexpr, HAS_R: tl.constexpr, SEES_SELF: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, BD: tl.constexpr, BAND: tl.constexpr, BQ: tl.constexpr,
 ):
@@ -759,7 +773,7 @@ def _fwd_kernel(
             tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b, kpm_ptr, s_kpm_b, s_kpm_l,
             segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k, segd_ptr, s_segd_b,
             s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M, R, P, D, True, BM,
-            HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC,
+            HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_R, SEES_SELF, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC,
             BM, BN, BD, BAND,
         )
     else:
@@ -772,7 +786,7 @@ def _fwd_kernel(
             s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p, qrank_ptr, s_qrank_b, krank_ptr, s_krank_b,
             kpm_ptr, s_kpm_b, s_kpm_l, segq_ptr, s_segq_b, segk_ptr, s_segk_b, mask_ptr, s_mask_b, s_mask_q, s_mask_k,
             segd_ptr, s_segd_b, s_segd_q, s_segd_k, t5_ptr, s_t5_h, s_t5_r, seed, dropout_p, scale, B, H, Lq, Lk, M,
-            R, P, D, False, BQ, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_DROPOUT,
+            R, P, D, False, BQ, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_R, SEES_SELF, HAS_DROPOUT,
             EMPTY_UNIFORM, DOT_PREC, BM, BN, BD, BAND,
         )
 
@@ -861,18 +875,26 @@ class _Launch:
         B, Lq, H, D = q.shape
         Lk = k.shape[1]
         P = q_g.shape[1] if q_g is not None else 0
-        R = r.shape[-3]
+        R = r.shape[-3] if r is not None else 0
         blk = _row_blocks()
         self.B, self.Lq, self.Lk, self.H, self.D, self.P = B, Lq, Lk, H, D, P
         self.BM, self.BQ = blk["BM"], blk["BQ"]
         self.BD = max(16, triton.next_power_of_2(D))
         self.n_mb = triton.cdiv(Lq, self.BM)
         dummy = q
-        r4 = r if r.dim() == 4 else r.unsqueeze(0).expand(B, *r.shape)
         # r_w_bias . k_j and r_r_bias . r_t once per key / r row (fp32, O(B*H*L)): tiles then add a
         # vector instead of reducing a [keys, D] product each (register pressure on the GPU).
-        self.w_k = torch.einsum("bjhd,hd->bhj", k.float(), r_w_bias.float()).contiguous()
-        self.r_r = torch.einsum("bthd,hd->bht", r4.float(), r_r_bias.float()).contiguous()
+        # Missing biases are zeros (O(H*D)); without r the kernels never read r, r_r_bias or r_r.
+        if r_w_bias is None:
+            r_w_bias = torch.zeros(H, D, dtype=q.dtype, device=q.device)
+            self.w_k = torch.zeros(B, H, Lk, dtype=torch.float32, device=q.device)
+        else:
+            self.w_k = torch.einsum("bjhd,hd->bhj", k.float(), r_w_bias.float()).contiguous()
+        if r is not None:
+            r4 = r if r.dim() == 4 else r.unsqueeze(0).expand(B, *r.shape)
+            self.r_r = torch.einsum("bthd,hd->bht", r4.float(), r_r_bias.float()).contiguous()
+        else:
+            r4, r_r_bias, self.r_r = q, r_w_bias, self.w_k
         if q_g is not None:
             self.sorted_rows, self.chunks, self.chunk_ptr, self.n_chunks = _query_chunks(
                 target_pos, Lq, self.BM, self.BQ
@@ -907,6 +929,8 @@ class _Launch:
             SEG_IDS=aux["seg_q"] is not None,
             SEG_DENSE=segd is not None,
             HAS_T5=t5 is not None,
+            HAS_R=r is not None,
+            SEES_SELF=cfg["content_sees_self"],
             HAS_DROPOUT=cfg["dropout_p"] > 0,
             EMPTY_UNIFORM=cfg["empty_rows"] == "uniform",
             DOT_PREC=_dot_precision(q.dtype),
@@ -1004,26 +1028,29 @@ class TwoStreamAttentionFn(torch.autograd.Function):
         )
 
         # dr (and the per-distance T5 gradient): one program per block diagonal, BN = BM
-        n_nb = triton.cdiv(Lk, launch.BM)
-        n_diag = launch.n_mb + n_nb - 1
-        consts_r = launch.consts_dr()
-        band = consts_r["BAND"]
-        dr_part = torch.empty(B, H, n_diag, band, launch.BD, dtype=torch.float32, device=dev)
-        dt_part = torch.empty(B, H, n_diag, band, dtype=torch.float32, device=dev)
-        _dr_kernel[(n_diag, B * H)](
-            launch.chunks, launch.chunk_ptr, launch.n_mb, n_nb, *h_rows, *g_rows, dr_part, dt_part, *launch.common,
-            **consts_r,
-        )
-        dr_rows, first_row = _combine_bands(dr_part, launch.BM, launch.n_mb, Lq)
-        R = r.shape[-3]
-        dr_full = _rows_window(dr_rows, first_row, 0, R)[..., :D]  # [B, H, R, D]
-        dr = dr_full.permute(0, 2, 1, 3)
-        dr = (dr.sum(0) if r.dim() == 3 else dr).to(r.dtype)
+        dr = dt_part = None
+        if r is not None or t5_bias is not None:
+            n_nb = triton.cdiv(Lk, launch.BM)
+            n_diag = launch.n_mb + n_nb - 1
+            consts_r = launch.consts_dr()
+            band = consts_r["BAND"]
+            dr_part = torch.empty(B, H, n_diag, band, launch.BD, dtype=torch.float32, device=dev)
+            dt_part = torch.empty(B, H, n_diag, band, dtype=torch.float32, device=dev)
+            _dr_kernel[(n_diag, B * H)](
+                launch.chunks, launch.chunk_ptr, launch.n_mb, n_nb, *h_rows, *g_rows, dr_part, dt_part,
+                *launch.common, **consts_r,
+            )
+        if r is not None:
+            dr_rows, first_row = _combine_bands(dr_part, launch.BM, launch.n_mb, Lq)
+            dr_full = _rows_window(dr_rows, first_row, 0, r.shape[-3])[..., :D]  # [B, H, R, D]
+            dr = dr_full.permute(0, 2, 1, 3)
+            dr = (dr.sum(0) if r.dim() == 3 else dr).to(r.dtype)
 
         if q_g is not None:
             dq_g.masked_fill_((aux["target_pos"] < 0)[:, :, None, None], 0.0)
         sums = bias_part.sum(0)[..., :D]  # [H, 2, D]
-        d_rw, d_rr = sums[:, 0].to(r_w_bias.dtype), sums[:, 1].to(r_r_bias.dtype)
+        d_rw = sums[:, 0].to(r_w_bias.dtype) if r_w_bias is not None else None
+        d_rr = sums[:, 1].to(r_r_bias.dtype) if r_r_bias is not None else None
         d_rs = d_se = None
         if has_seg:
             # ef = (q + r_s_bias) . seg_embed[s]: per-row dE_s gives both gradients
@@ -1073,10 +1100,10 @@ def _rows_window(rows, first, lo, hi):
 
 
 def two_stream_attention(
-    q, k, v, r, r_w_bias, r_r_bias, *, q_g=None, target_pos=None, q_rank=None, k_rank=None, attn_mask=None,
-    key_padding_mask=None, causal=False, seg_q=None, seg_k=None, seg_diff=None, r_s_bias=None, seg_embed=None,
-    t5_bias=None, t5_num_buckets=32, t5_max_distance=128, t5_bidirectional=True, scale=None, dropout_p=0.0, seed=None,
-    empty_rows="zero",
+    q, k, v, r=None, r_w_bias=None, r_r_bias=None, *, q_g=None, target_pos=None, q_rank=None, k_rank=None,
+    attn_mask=None, key_padding_mask=None, causal=False, seg_q=None, seg_k=None, seg_diff=None, r_s_bias=None,
+    seg_embed=None, t5_bias=None, t5_num_buckets=32, t5_max_distance=128, t5_bidirectional=True,
+    content_sees_self=True, scale=None, dropout_p=0.0, seed=None, empty_rows="zero",
 ):
     """Triton backend of :func:`pyobjectives.two_stream_attention` (arguments validated there)."""
     aux = dict(
@@ -1085,7 +1112,7 @@ def two_stream_attention(
     )
     cfg = dict(
         causal=causal, t5_num_buckets=t5_num_buckets, t5_max_distance=t5_max_distance,
-        t5_bidirectional=t5_bidirectional, scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else scale,
+        t5_bidirectional=t5_bidirectional, content_sees_self=content_sees_self, scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else scale,
         dropout_p=dropout_p, seed=seed, empty_rows=empty_rows,
     )
     return TwoStreamAttentionFn.apply(q, k, v, r, r_w_bias, r_r_bias, q_g, r_s_bias, seg_embed, t5_bias, aux, cfg)

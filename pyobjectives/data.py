@@ -10,6 +10,8 @@ Two entry points produce what the kernels consume:
   and for callers that need HF-style inputs.
 * :func:`electra_mask` picks generator targets for ELECTRA (exact count per
   sequence, 85% ``[MASK]``) or for BERT-style MLM (Bernoulli, 80/10/10).
+* :func:`t5_span_corruption` builds T5's span-corruption inputs and targets
+  (``random_spans_noise_mask``, one sentinel per noise span), vectorized.
 
 Everything here is plain PyTorch. Sampling uses ``torch`` random functions
 only, so ``torch.manual_seed`` or an explicit ``torch.Generator`` makes every
@@ -32,9 +34,11 @@ __all__ = [
     "INT32_MIN",
     "ElectraMask",
     "PLMRanks",
+    "T5SpanCorruption",
     "electra_mask",
     "plm_ranks",
     "ranks_to_dense_mask",
+    "t5_span_corruption",
 ]
 
 
@@ -66,6 +70,21 @@ class ElectraMask(NamedTuple):
     input_ids: torch.Tensor
     labels: torch.Tensor
     is_target: torch.Tensor
+
+
+class T5SpanCorruption(NamedTuple):
+    """Result of :func:`t5_span_corruption`; see its docstring.
+
+    Fields: ``input_ids [B, L - N + S (+1)]`` (input dtype: kept tokens, one
+    sentinel per noise span, then EOS if given), ``labels [B, N + S (+1)] int64``
+    (sentinel, noise span, sentinel, noise span, ..., then EOS if given) and
+    ``noise_mask [B, L] bool`` (the mask used; True = noise). N = noise tokens
+    per row, S = noise spans per row.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    noise_mask: torch.Tensor
 
 
 # --------------------------------------------------------------------------
@@ -749,3 +768,218 @@ def electra_mask(
         corrupted = torch.where(randomized, words.to(corrupted.dtype), corrupted)
     labels = input_ids.long().masked_fill(~is_target, -100)
     return ElectraMask(input_ids=corrupted, labels=labels, is_target=is_target)
+
+
+# --------------------------------------------------------------------------
+# T5 span corruption
+
+
+def _t5_span_counts(length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
+    """``(num_noise_tokens, num_noise_spans)`` of T5's ``random_spans_noise_mask``.
+
+    Computed in float32 and rounded half to even, as T5's TensorFlow code does
+    (``tf.math.round`` of a float32 product / quotient).
+    """
+    f32 = torch.float32
+    num_noise = int(torch.round(torch.tensor(length, dtype=f32) * torch.tensor(noise_density, dtype=f32)))
+    num_noise = min(max(num_noise, 1), length - 1)
+    num_spans = int(torch.round(torch.tensor(num_noise, dtype=f32) / torch.tensor(mean_noise_span_length, dtype=f32)))
+    return num_noise, max(num_spans, 1)
+
+
+def _random_segmentation(batch: int, num_items: int, num_segments: int, generator, device) -> torch.Tensor:
+    """T5's ``_random_segmentation`` for ``batch`` rows at once: ``[batch, num_segments]``
+    positive lengths summing to ``num_items``, every composition equally likely.
+
+    T5 shuffles ``num_segments - 1`` ones among ``num_items - 1`` slots, prepends a
+    0 and takes the cumsum as segment ids. Here the ones go to the slots holding
+    the ``num_segments - 1`` smallest of ``num_items - 1`` uniform float64 keys
+    (a uniform subset, i.e. the same law as the shuffle), one draw per row.
+    """
+    first_in_segment = torch.zeros(batch, num_items, dtype=torch.int64, device=device)
+    if num_segments > 1:
+        keys = torch.rand(batch, num_items - 1, generator=generator, device=device, dtype=torch.float64)
+        chosen = keys.argsort(dim=1)[:, : num_segments - 1] + 1  # slot s of T5's shuffle = item s + 1
+        first_in_segment.scatter_(1, chosen, 1)
+    segment_id = first_in_segment.cumsum(dim=1)
+    lengths = torch.zeros(batch, num_segments, dtype=torch.int64, device=device)
+    return lengths.scatter_add_(1, segment_id, torch.ones_like(segment_id))
+
+
+def _random_spans_noise_mask(
+    batch: int, length: int, num_noise: int, num_spans: int, generator, device
+) -> torch.Tensor:
+    """T5's ``random_spans_noise_mask`` for ``batch`` rows: ``[batch, length]`` bool."""
+    noise_lengths = _random_segmentation(batch, num_noise, num_spans, generator, device)
+    nonnoise_lengths = _random_segmentation(batch, length - num_noise, num_spans, generator, device)
+    interleaved = torch.stack([nonnoise_lengths, noise_lengths], dim=2).reshape(batch, 2 * num_spans)
+    span_starts = interleaved.cumsum(dim=1)[:, :-1]  # all < length: the last span is non-empty
+    indicator = torch.zeros(batch, length, dtype=torch.int64, device=device)
+    indicator.scatter_add_(1, span_starts, torch.ones_like(span_starts))
+    return indicator.cumsum(dim=1) % 2 == 1
+
+
+def _compact(values: torch.Tensor, keep: torch.Tensor, width: int) -> torch.Tensor:
+    """Per row, the entries of ``values`` where ``keep`` holds, in order; every row
+    keeps exactly ``width`` entries. A scatter into a spare last column, so no
+    host synchronisation."""
+    batch = values.shape[0]
+    slot = torch.where(keep, keep.long().cumsum(dim=1) - 1, width)
+    out = values.new_zeros(batch, width + 1)
+    return out.scatter_(1, slot, values)[:, :width]
+
+
+def t5_span_corruption(
+    input_ids: torch.Tensor,
+    *,
+    noise_density: float = 0.15,
+    mean_noise_span_length: float = 3.0,
+    sentinel_start_id: int,
+    eos_token_id: int | None = None,
+    noise_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> T5SpanCorruption:
+    """T5's span corruption (google-research/text-to-text-transfer-transformer,
+    ``t5/data/preprocessors.py``: ``random_spans_noise_mask``,
+    ``noise_span_to_unique_sentinel``, ``nonnoise_span_to_unique_sentinel``).
+
+    Shapes (N = noise tokens per row, S = noise spans per row)::
+
+        input_ids       [B, L]              any integer dtype, L >= 2
+        noise_mask      [B, L]              optional, bool or 0/1, True = noise
+        -> input_ids    [B, L - N + S (+1)] input dtype, on input_ids.device
+           labels       [B, N + S (+1)]     int64
+           noise_mask   [B, L]              bool, the mask used
+
+    (+1: ``eos_token_id`` appended to both when given.)
+
+    **Random mask** (``noise_mask=None``), per row exactly as T5's
+    ``random_spans_noise_mask``: ``N = round(L * noise_density)`` clamped to
+    ``[1, L - 1]`` and ``S = max(1, round(N / mean_noise_span_length))``, both
+    rounded half to even from float32 arithmetic as T5's TensorFlow code does.
+    The N noise tokens and the ``L - N`` kept tokens are each cut into S
+    non-empty spans, every segmentation equally likely (T5's
+    ``_random_segmentation``), and the spans alternate kept, noise, kept, noise,
+    ...: the first token is always kept and the last is always noise. Since N
+    and S depend only on L, every row has the same output lengths; for L = 568
+    with the defaults (N = 85, S = 28) and an EOS, inputs have 512 tokens and
+    labels 114, T5's pretraining shapes. S must not exceed ``L - N`` (T5 fails
+    then too): e.g. ``noise_density=0.9`` needs a ``mean_noise_span_length``
+    large enough; a ValueError says so. Only the law of T5's draws is
+    reproduced, not its random stream.
+
+    **Outputs from a mask** (random or given). A noise span is a maximal run
+    of noise tokens; the k-th span of a row (k = 0, 1, ...) gets sentinel
+    ``sentinel_start_id - k`` (``<extra_id_k>``: T5's sentinels count down
+    from the top of the vocabulary, e.g. 32099, 32098, ...).
+
+    * ``input_ids``: the row with each noise span replaced by its sentinel,
+      i.e. the kept tokens plus a sentinel at each span start. This is T5's
+      ``noise_span_to_unique_sentinel`` for any mask.
+    * ``labels``: for each noise span in order, its sentinel followed by the
+      span's tokens: ``s_0, span_0, s_1, span_1, ...``. So the k-th sentinel
+      carries the same id in inputs and labels. This is T5's
+      ``nonnoise_span_to_unique_sentinel`` whenever the mask starts with a
+      kept token and ends with noise (always true for the random mask). For a
+      given mask that starts with noise, the inputs begin with ``s_0`` and the
+      labels still read ``s_0, span_0, ...`` (T5's function would emit
+      ``span_0`` first with no sentinel and shift the pairing); for one that
+      ends with kept tokens no trailing sentinel is added (T5's would add one).
+      A row without noise gives its tokens unchanged and empty labels.
+
+    A given ``noise_mask`` is used as is (``noise_density`` and
+    ``mean_noise_span_length`` are still validated but unused); its rows must
+    have equal N and equal S, else the outputs could not be dense and a
+    ValueError says so.
+
+    Sampling is vectorized over the batch (random float64 keys, argsort,
+    scatter, cumsum) and draws from ``generator`` if given (it must be on
+    ``input_ids.device``), else from the global RNG of that device: the same
+    generator seed gives the same output.
+
+    Args:
+        input_ids: ``[B, L]`` token ids, L >= 2.
+        noise_density: fraction of noise tokens, in (0, 1).
+        mean_noise_span_length: mean noise span length, >= 1.
+        sentinel_start_id: id of ``<extra_id_0>``, the highest sentinel;
+            must be >= S - 1 so every sentinel id is non-negative, and must
+            fit in ``input_ids``' dtype.
+        eos_token_id: appended to inputs and labels when given (>= 0).
+        noise_mask: ``[B, L]`` bool or 0/1 on ``input_ids.device``; replaces
+            the random mask.
+        generator: ``torch.Generator`` on ``input_ids.device`` for the draws.
+
+    Returns:
+        :class:`T5SpanCorruption` ``(input_ids, labels, noise_mask)``.
+
+    Raises:
+        TypeError: an argument has the wrong type or dtype.
+        ValueError: a shape, range or device is violated, S > L - N, or the
+            rows of a given ``noise_mask`` differ in noise tokens or spans.
+    """
+    input_ids = _check_ids("input_ids", input_ids)
+    device = input_ids.device
+    batch, length = input_ids.shape
+    if length < 2:
+        raise ValueError(f"input_ids must have a sequence length L >= 2, got shape {tuple(input_ids.shape)}")
+    if isinstance(noise_density, bool) or not isinstance(noise_density, numbers.Real):
+        raise TypeError(f"noise_density must be a float, got {type(noise_density).__name__}")
+    noise_density = float(noise_density)
+    if not 0.0 < noise_density < 1.0:
+        raise ValueError(f"noise_density must be in (0, 1), got {noise_density}")
+    if isinstance(mean_noise_span_length, bool) or not isinstance(mean_noise_span_length, numbers.Real):
+        raise TypeError(f"mean_noise_span_length must be a float, got {type(mean_noise_span_length).__name__}")
+    mean_noise_span_length = float(mean_noise_span_length)
+    if not 1.0 <= mean_noise_span_length < float("inf"):
+        raise ValueError(f"mean_noise_span_length must be a finite number >= 1, got {mean_noise_span_length}")
+    sentinel_start_id = _check_int("sentinel_start_id", sentinel_start_id, minimum=0)
+    eos_token_id = _check_int("eos_token_id", eos_token_id, minimum=0, allow_none=True)
+    top = torch.iinfo(input_ids.dtype).max
+    for name, value in (("sentinel_start_id", sentinel_start_id), ("eos_token_id", eos_token_id)):
+        if value is not None and value > top:
+            raise ValueError(f"{name} must fit in input_ids' dtype {input_ids.dtype} (<= {top}), got {value}")
+    if isinstance(noise_mask, torch.Tensor) and noise_mask.device != device:
+        raise ValueError(f"noise_mask must be on input_ids' device {device}, got {noise_mask.device}")
+    mask = _check_bool_mask("noise_mask", noise_mask, input_ids.shape, device)
+    generator = _check_generator(generator, device)
+
+    if mask is None:
+        num_noise, num_spans = _t5_span_counts(length, noise_density, mean_noise_span_length)
+        if num_spans > length - num_noise:
+            raise ValueError(
+                f"noise_density={noise_density} and mean_noise_span_length={mean_noise_span_length} give "
+                f"{num_spans} noise spans for L={length}, but only {length - num_noise} non-noise tokens to "
+                f"separate them (need num_spans <= L - num_noise; raise mean_noise_span_length or lower "
+                f"noise_density)"
+            )
+        mask = _random_spans_noise_mask(batch, length, num_noise, num_spans, generator, device)
+        span_start = mask & ~torch.nn.functional.pad(mask[:, :-1], (1, 0), value=False)
+    else:
+        span_start = mask & ~torch.nn.functional.pad(mask[:, :-1], (1, 0), value=False)
+        noise_counts, span_counts = mask.sum(dim=1), span_start.sum(dim=1)
+        n_lo, n_hi = int(noise_counts.min()), int(noise_counts.max())
+        s_lo, s_hi = int(span_counts.min()), int(span_counts.max())
+        if n_lo != n_hi or s_lo != s_hi:
+            raise ValueError(
+                f"noise_mask rows must have equal numbers of noise tokens and of noise spans to batch into dense "
+                f"outputs, got noise tokens per row in [{n_lo}, {n_hi}] and noise spans per row in [{s_lo}, {s_hi}]"
+            )
+        num_noise, num_spans = n_lo, s_lo
+    if sentinel_start_id < num_spans - 1:
+        raise ValueError(
+            f"sentinel_start_id must be >= num_spans - 1 = {num_spans - 1} (sentinels count down from it), "
+            f"got {sentinel_start_id}"
+        )
+
+    ids = input_ids.long()
+    sentinel = sentinel_start_id + 1 - span_start.long().cumsum(dim=1)  # valid at span starts
+    inputs = _compact(torch.where(span_start, sentinel, ids), ~mask | span_start, length - num_noise + num_spans)
+    # Labels: per position a (sentinel, token) pair; keep the sentinel at span
+    # starts and the token at noise positions.
+    pairs = torch.stack([sentinel, ids], dim=2).reshape(batch, 2 * length)
+    keep = torch.stack([span_start, mask], dim=2).reshape(batch, 2 * length)
+    labels = _compact(pairs, keep, num_noise + num_spans)
+    if eos_token_id is not None:
+        eos = ids.new_full((batch, 1), eos_token_id)
+        inputs, labels = torch.cat([inputs, eos], dim=1), torch.cat([labels, eos], dim=1)
+    return T5SpanCorruption(input_ids=inputs.to(input_ids.dtype), labels=labels, noise_mask=mask)

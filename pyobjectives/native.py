@@ -40,7 +40,7 @@ def blas_name() -> str:
 
 _ATTN_ARGS = ("q", "k", "v", "r", "r_w_bias", "r_r_bias", "q_g", "target_pos", "q_rank", "k_rank", "attn_mask",
               "key_padding_mask", "causal", "seg_q", "seg_k", "seg_diff", "r_s_bias", "seg_embed", "t5_bias",
-              "t5_num_buckets", "t5_max_distance", "t5_bidirectional", "scale", "dropout_p", "seed", "empty_uniform")
+              "t5_num_buckets", "t5_max_distance", "t5_bidirectional", "content_sees_self", "scale", "dropout_p", "seed", "empty_uniform")
 _ATTN_GRAD_OF = {"q": 0, "k": 1, "v": 2, "r": 3, "r_w_bias": 4, "r_r_bias": 5, "q_g": 6, "r_s_bias": 7,
                  "seg_embed": 8, "t5_bias": 9}
 
@@ -58,12 +58,11 @@ def _attention_bwd_fake(do_h, do_g, out_h, out_g, lse_h, lse_g, *args):
     a = dict(zip(_ATTN_ARGS, args))
     q = a["q"]
     empty = lambda: q.new_empty(0)  # noqa: E731
-    like = lambda t: t.new_empty(t.shape)  # noqa: E731
+    like = lambda t: empty() if t is None else t.new_empty(t.shape)  # noqa: E731
     segments = a["seg_q"] is not None or a["seg_diff"] is not None
     return [like(q), like(a["k"]), like(a["v"]), like(a["r"]), like(a["r_w_bias"]), like(a["r_r_bias"]),
             q.new_empty(out_g.shape), like(a["r_s_bias"]) if segments else empty(),
-            like(a["seg_embed"]) if segments else empty(),
-            like(a["t5_bias"]) if a["t5_bias"] is not None else empty()]
+            like(a["seg_embed"]) if segments else empty(), like(a["t5_bias"])]
 
 
 def _attention_setup(ctx, inputs, output):
@@ -95,16 +94,18 @@ torch.library.register_autograd("pyobjectives::two_stream_attention_fwd", _atten
                                 setup_context=_attention_setup)
 
 
-def two_stream_attention(q, k, v, r, r_w_bias, r_r_bias, *, q_g=None, target_pos=None, q_rank=None, k_rank=None,
-                         attn_mask=None, key_padding_mask=None, causal=False, seg_q=None, seg_k=None, seg_diff=None,
-                         r_s_bias=None, seg_embed=None, t5_bias=None, t5_num_buckets=32, t5_max_distance=128,
-                         t5_bidirectional=True, scale=None, dropout_p=0.0, seed=None, empty_rows="zero"):
+def two_stream_attention(q, k, v, r=None, r_w_bias=None, r_r_bias=None, *, q_g=None, target_pos=None, q_rank=None,
+                         k_rank=None, attn_mask=None, key_padding_mask=None, causal=False, seg_q=None, seg_k=None,
+                         seg_diff=None, r_s_bias=None, seg_embed=None, t5_bias=None, t5_num_buckets=32,
+                         t5_max_distance=128, t5_bidirectional=True, content_sees_self=True, scale=None,
+                         dropout_p=0.0, seed=None, empty_rows="zero"):
     """Native backend of :func:`pyobjectives.two_stream_attention` (arguments validated there)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out_h, out_g, _, _ = ops.two_stream_attention_fwd(
         q, k, v, r, r_w_bias, r_r_bias, q_g, target_pos, q_rank, k_rank, attn_mask, key_padding_mask, bool(causal),
         seg_q, seg_k, seg_diff, r_s_bias, seg_embed, t5_bias, int(t5_num_buckets), int(t5_max_distance),
-        bool(t5_bidirectional), scale, float(dropout_p), int(seed) if dropout_p > 0 else 0, empty_rows == "uniform")
+        bool(t5_bidirectional), bool(content_sees_self), scale, float(dropout_p), int(seed) if dropout_p > 0 else 0,
+        empty_rows == "uniform")
     return out_h, (out_g if q_g is not None else None)
 
 

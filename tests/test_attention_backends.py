@@ -69,6 +69,68 @@ def test_features(backend, features, dtype):
     check_against_reference(backend, x, kw, dtype)
 
 
+def plain_inputs(B=2, Lq=13, Lk=None, H=2, D=16, features=(), dtype=torch.float64):
+    """Inputs of attention without the Transformer-XL term (T5, BERT-style, cross-attention): no r."""
+    Lk = Lq if Lk is None else Lk
+    x, kw = make_inputs(B=B, Lq=Lq, M=max(Lk - Lq, 0), H=H, D=D, dtype=dtype, features=features)
+    del x["r"], x["r_r_bias"]
+    if Lk < Lq:  # cross-attention: keys of another sequence
+        x["k"], x["v"] = x["k"][:, :Lk].contiguous(), x["v"][:, :Lk].contiguous()
+        if "key_padding_mask" in kw:
+            kw["key_padding_mask"] = kw["key_padding_mask"][:, :Lk].contiguous()
+    if "no_rw" in features:
+        del x["r_w_bias"]
+    return x, dict(kw, content_sees_self=False)
+
+
+PLAIN = {
+    # T5 encoder self-attention: bidirectional buckets, padding, scale 1
+    "t5-encoder": dict(Lq=21, features=("padding", "t5", "no_rw"), scale=1.0),
+    # T5 decoder with a KV cache: Lk = past + Lq, causal, unidirectional buckets
+    "t5-decoder-cache": dict(Lq=9, Lk=23, features=("t5_uni", "causal", "no_rw"), scale=1.0),
+    # cross-attention: shorter keys than queries, encoder padding, no bias
+    "cross-shorter-keys": dict(Lq=17, Lk=6, features=("padding", "no_rw")),
+    "cross-longer-keys": dict(Lq=5, Lk=19, features=("padding", "no_rw")),
+    # plain attention keeping the content bias, with a dense mask and a query stream (T5 gradient via dr kernel)
+    "plain-rw-dense-query": dict(Lq=15, features=("query", "dense", "t5")),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_ID.get)
+@pytest.mark.parametrize("case", PLAIN.values(), ids=PLAIN.keys())
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_plain_and_t5_attention(backend, case, dtype):
+    case = dict(case)
+    x, kw = plain_inputs(**{k: case.pop(k) for k in ("Lq", "Lk", "features") if k in case})
+    check_against_reference(backend, x, kw, dtype, **case)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padded_query_row_is_an_ordinary_row_without_content_sees_self(backend):
+    """T5 semantics: a row whose every key is padding has no visible key (uniform, as HF), and a padded
+    position's own key is not special; with XLNet's rule the row would see itself."""
+    x, kw = plain_inputs(B=2, Lq=8, features=("padding", "t5", "no_rw"))
+    kw["key_padding_mask"][1] = True  # batch 1: all keys padding
+    check_against_reference(backend, x, kw, torch.float32, empty_rows="uniform", scale=1.0)
+    check_against_reference(backend, x, kw, torch.float32, empty_rows="zero", dropout_p=0.2, seed=5)
+    x = {n: t.float() for n, t in on_device(x, backend).items()}
+    kw = on_device(kw, backend)
+    kw["t5_bias"] = kw["t5_bias"].float()
+    own = two_stream_attention(**x, **dict(kw, content_sees_self=True), backend=backend)[0][1]
+    torch.testing.assert_close(own, x["v"][1], rtol=1e-5, atol=1e-5)  # each row sees only itself
+    none = two_stream_attention(**x, **kw, backend=backend)[0][1]
+    assert torch.equal(none, torch.zeros_like(none))  # empty rows (zero mode)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_masks_match_without_r(backend):
+    x, kw = plain_inputs(B=2, Lq=11, Lk=14, features=("t5_uni", "causal", "no_rw"), dtype=torch.float32)
+    x, kw = on_device(x, backend), on_device(kw, backend)
+    ref = reference.two_stream_attention(**x, **kw, dropout_p=0.4, seed=77)
+    out = two_stream_attention(**x, **kw, dropout_p=0.4, seed=77, backend=backend)
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("B,Lq,M,H,D,P", [
     pytest.param(1, 1, 0, 1, 16, 1, id="B1-L1-H1-D16-P1"),
     pytest.param(2, 7, 3, 3, 40, 2, id="B2-L7-M3-H3-D40-P2"),
@@ -177,21 +239,25 @@ def arg_type(name, dt):
 
 
 features = dict(HAS_RANK=True, HAS_DENSE=True, HAS_KPM=True, CAUSAL=True, SEG_IDS=True, SEG_DENSE=True, HAS_T5=True,
-                HAS_DROPOUT=True, EMPTY_UNIFORM=True)
+                HAS_R=True, SEES_SELF=True, HAS_DROPOUT=True, EMPTY_UNIFORM=True)
+t5_only = dict(HAS_R=False, SEES_SELF=False, HAS_RANK=False, SEG_IDS=False, SEG_DENSE=False)  # T5 / plain attention
 failed = []
 BM = A._row_blocks()["BM"]
-for kernel, dt, D, BN, warps, stages in (
-        (A._fwd_kernel, "*bf16", 64, 32, 8, 2), (A._dq_kernel, "*bf16", 64, 32, 8, 2),
-        (A._dkdv_kernel, "*bf16", 64, 16, 4, 2), (A._dr_kernel, "*bf16", 64, BM, 8, 1),
-        (A._fwd_kernel, "*bf16", 128, 32, 8, 2), (A._fwd_kernel, "*fp32", 64, 32, 4, 2)):
+for kernel, dt, D, BN, warps, stages, switches in (
+        (A._fwd_kernel, "*bf16", 64, 32, 8, 2, {}), (A._dq_kernel, "*bf16", 64, 32, 8, 2, {}),
+        (A._dkdv_kernel, "*bf16", 64, 16, 4, 2, {}), (A._dr_kernel, "*bf16", 64, BM, 8, 1, {}),
+        (A._fwd_kernel, "*bf16", 128, 32, 8, 2, {}), (A._fwd_kernel, "*fp32", 64, 32, 4, 2, {}),
+        (A._fwd_kernel, "*bf16", 64, 32, 8, 2, t5_only), (A._dq_kernel, "*bf16", 64, 32, 8, 2, t5_only),
+        (A._dr_kernel, "*bf16", 64, BM, 8, 1, t5_only)):
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-    consts = dict(features, DOT_PREC="ieee" if dt == "*fp32" else "tf32", BM=BM, BN=BN, BD=D, BAND=2 * BM, BQ=16)
+    consts = dict(features, **switches, DOT_PREC="ieee" if dt == "*fp32" else "tf32", BM=BM, BN=BN, BD=D,
+                  BAND=2 * BM, BQ=16)
     signature = {a: ("constexpr" if a in consts else arg_type(a, dt)) for a in fn.arg_names}
     try:
         triton.compile(ASTSource(fn, signature, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=warps, num_stages=stages))
     except Exception as exc:
-        failed.append(f"{fn.__name__} {dt} D={D}: {type(exc).__name__}: {str(exc)[:800]}")
+        failed.append(f"{fn.__name__} {dt} D={D} {switches}: {type(exc).__name__}: {str(exc)[:800]}")
 print("\n".join(failed) or "all compiled")
 sys.exit(1 if failed else 0)
 '''

@@ -48,6 +48,8 @@ Mat head_matrix(const Strided4& t, int64_t b, int64_t h, int64_t rows, int64_t D
   return {buf.data(), D};
 }
 
+// Plain attention (T5, cross-attention) has no r: the band product and its gradient are skipped.
+
 // A set of rows of one stream that the kernels treat together.
 struct RowSet {
   bool content = true;
@@ -103,7 +105,8 @@ struct Scratch {
   Scratch(const AttentionParams& p) {
     const int64_t W = kBlockRows - 1 + p.Lk, n = kBlockRows, D = p.D;
     qw.resize(n * D), qr.resize(n * D), qs.resize(n * D), e.resize(n * 2), o.resize(n * D);
-    s.resize(n * std::max<int64_t>(p.Lk, 1)), band.resize(n * W);
+    s.resize(n * std::max<int64_t>(p.Lk, 1));
+    if (p.has_position_term()) band.resize(n * W);
     empty.resize(n), row_max.resize(n);
     if (p.dropout_p > 0.f) keep.resize(std::max<int64_t>(p.Lk, 1));
   }
@@ -134,7 +137,7 @@ const T* query_row(const AttentionParams& p, const RowSet& set, int64_t b, int64
 
 // Everything that turns row i's ac into its final scores (pointers are null when a feature is off).
 struct RowTerms {
-  const float* bd = nullptr;  // position term, already skewed: bd[j] belongs to key j
+  const float* bd = nullptr;  // position term, already skewed: bd[j] belongs to key j; nullptr without r
   float scale = 1.f;
   float e0 = 0.f, e1 = 0.f;   // segment terms (same / different segment)
   int64_t seg_q = 0;
@@ -167,7 +170,19 @@ void segment_source(const AttentionParams& p, int64_t b, int64_t pos, RowTerms& 
 PO_VECTORIZED float finish_row(float* s, int64_t Lk, const RowTerms& t) {
   const float scale = t.scale;
   const float* bd = t.bd;
-  if (t.seg_k != nullptr) {
+  if (bd == nullptr) {
+    if (t.seg_k != nullptr) {
+      const float e0 = t.e0, e1 = t.e1;
+      const int64_t sq = t.seg_q;
+      const int64_t* sk = t.seg_k;
+      for (int64_t j = 0; j < Lk; ++j) s[j] = (s[j] + (sk[j] != sq ? e1 : e0)) * scale;
+    } else if (t.seg_diff != nullptr) {
+      const float e0 = t.e0, e1 = t.e1;
+      for (int64_t j = 0; j < Lk; ++j) s[j] = (s[j] + (t.seg_diff[j * t.seg_diff_stride] ? e1 : e0)) * scale;
+    } else if (scale != 1.f) {
+      for (int64_t j = 0; j < Lk; ++j) s[j] *= scale;
+    }
+  } else if (t.seg_k != nullptr) {
     const float e0 = t.e0, e1 = t.e1;
     const int64_t sq = t.seg_q;
     const int64_t* sk = t.seg_k;
@@ -207,18 +222,16 @@ PO_VECTORIZED void scores(const AttentionParams& p, const RowSet& set, int64_t b
                           Scratch& sc) {
   const int64_t n = set.count, D = p.D, Lk = p.Lk;
   const int64_t qs3 = set.content ? p.q.s3 : p.q_g.s3;
-  const float* rw = p.r_w_bias + h * D;
-  const float* rr = p.r_r_bias + h * D;
+  const float* rw = p.r_w_bias != nullptr ? p.r_w_bias + h * D : nullptr;
+  const float* rr = p.has_position_term() ? p.r_r_bias + h * D : nullptr;
   const bool seg = p.has_segments();
   for (int64_t i = 0; i < n; ++i) {
     const T* qv = query_row<T>(p, set, b, h, i);
     float* qw = sc.qw.data() + i * D;
     float* qr = sc.qr.data() + i * D;
-    for (int64_t d = 0; d < D; ++d) {
-      const float x = to_float(qv[d * qs3]);
-      qw[d] = x + rw[d];
-      qr[d] = x + rr[d];
-    }
+    for (int64_t d = 0; d < D; ++d) qw[d] = to_float(qv[d * qs3]) + (rw != nullptr ? rw[d] : 0.f);
+    if (rr != nullptr)
+      for (int64_t d = 0; d < D; ++d) qr[d] = to_float(qv[d * qs3]) + rr[d];
     if (seg) {
       const float* rs = p.r_s_bias + h * D;
       const float* se0 = p.seg_embed + h * D;
@@ -238,22 +251,25 @@ PO_VECTORIZED void scores(const AttentionParams& p, const RowSet& set, int64_t b
   gemm(false, true, n, Lk, D, 1.f, sc.qw.data(), D, op.k.p, op.k.ld, 0.f, S, Lk);
 
   const BandWindow w = band_window(p, set);
-  sc.band.resize(std::max<int64_t>(n * w.W, 1));
-  float* band = sc.band.data();
-  if (w.tb > w.ta)
-    gemm(false, true, n, w.tb - w.ta, D, 1.f, sc.qr.data(), D, op.r.p + w.ta * op.r.ld, op.r.ld, 0.f,
-         band + (w.ta - w.t0), w.W);
-  // r rows outside [0, R) contribute 0 (spec); they only occur for pairs a mask must hide.
-  for (int64_t i = 0; i < n; ++i) {
-    float* bi = band + i * w.W;
-    std::fill(bi, bi + std::max<int64_t>(std::min(w.ta - w.t0, w.W), 0), 0.f);
-    if (w.tb - w.t0 < w.W) std::fill(bi + std::max<int64_t>(w.tb - w.t0, 0), bi + w.W, 0.f);
+  float* band = nullptr;
+  if (p.has_position_term()) {
+    sc.band.resize(std::max<int64_t>(n * w.W, 1));
+    band = sc.band.data();
+    if (w.tb > w.ta)
+      gemm(false, true, n, w.tb - w.ta, D, 1.f, sc.qr.data(), D, op.r.p + w.ta * op.r.ld, op.r.ld, 0.f,
+           band + (w.ta - w.t0), w.W);
+    // r rows outside [0, R) contribute 0 (spec); they only occur for pairs a mask must hide.
+    for (int64_t i = 0; i < n; ++i) {
+      float* bi = band + i * w.W;
+      std::fill(bi, bi + std::max<int64_t>(std::min(w.ta - w.t0, w.W), 0), 0.f);
+      if (w.tb - w.t0 < w.W) std::fill(bi + std::max<int64_t>(w.tb - w.t0, 0), bi + w.W, 0.f);
+    }
   }
 
   for (int64_t i = 0; i < n; ++i) {
     const int64_t pos = set.pos[i];
     RowTerms t;
-    t.bd = band + i * w.W + (set.p_hi - pos);
+    if (band != nullptr) t.bd = band + i * w.W + (set.p_hi - pos);
     t.scale = p.scale;
     if (seg) {
       t.e0 = sc.e[2 * i], t.e1 = sc.e[2 * i + 1];
@@ -271,7 +287,7 @@ PO_VECTORIZED void scores(const AttentionParams& p, const RowSet& set, int64_t b
     if (p.key_padding != nullptr) t.key_padding = p.key_padding + b * Lk;
     if (p.causal) t.causal_pos = pos;
     t.M = p.M;
-    t.diagonal = set.content ? content_diagonal(p.M, pos) : -1;
+    t.diagonal = set.content && p.content_sees_self ? content_diagonal(p.M, pos) : -1;
     sc.row_max[i] = finish_row(S + i * Lk, Lk, t);
     sc.empty[i] = sc.row_max[i] == kNegInf;
   }
@@ -320,7 +336,7 @@ void store_rows(const Strided4& out, const RowSet& set, int64_t b, int64_t h, co
 template <typename T>
 HeadOperands head_operands(const AttentionParams& p, int64_t b, int64_t h, Scratch& sc) {
   return {head_matrix<T>(p.k, b, h, p.Lk, p.D, sc.k), head_matrix<T>(p.v, b, h, p.Lk, p.D, sc.v),
-          head_matrix<T>(p.r, b, h, p.R, p.D, sc.r)};
+          p.has_position_term() ? head_matrix<T>(p.r, b, h, p.R, p.D, sc.r) : Mat{}};
 }
 
 template <typename T>
@@ -497,16 +513,18 @@ void backward_rows(const AttentionParams& p, const AttentionBackward& g, const R
 
   // bd: dS scattered back onto the band (the inverse skew), then dQr = dBand R_band, dR_band += dBand^T Qr
   const BandWindow w = band_window(p, set);
-  sc.dband.resize(std::max<int64_t>(n * w.W, 1));
-  for (int64_t i = 0; i < n; ++i) {  // row i covers band columns [off, off + Lk); the rest is zero
-    float* row = sc.dband.data() + i * w.W;
-    const int64_t off = set.p_hi - set.pos[i];
-    std::fill(row, row + off, 0.f);
-    std::copy(G + i * Lk, G + (i + 1) * Lk, row + off);
-    std::fill(row + off + Lk, row + w.W, 0.f);
-  }
   sc.dqr.assign(kBlockRows * D, 0.f);
-  if (w.tb > w.ta) {
+  if (p.has_position_term()) {
+    sc.dband.resize(std::max<int64_t>(n * w.W, 1));
+    for (int64_t i = 0; i < n; ++i) {  // row i covers band columns [off, off + Lk); the rest is zero
+      float* row = sc.dband.data() + i * w.W;
+      const int64_t off = set.p_hi - set.pos[i];
+      std::fill(row, row + off, 0.f);
+      std::copy(G + i * Lk, G + (i + 1) * Lk, row + off);
+      std::fill(row + off + Lk, row + w.W, 0.f);
+    }
+  }
+  if (p.has_position_term() && w.tb > w.ta) {
     const float* db = sc.dband.data() + (w.ta - w.t0);
     gemm(false, false, n, D, w.tb - w.ta, 1.f, db, w.W, op.r.p + w.ta * op.r.ld, op.r.ld, 0.f, sc.dqr.data(), D);
     gemm(true, false, w.tb - w.ta, D, n, 1.f, db, w.W, sc.qr.data(), D, 1.f, hg.dr + w.ta * D, D);

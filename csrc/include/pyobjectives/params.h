@@ -18,8 +18,9 @@ struct Strided4 {
 struct AttentionParams {
   DType dtype = DType::kFloat32;
   int64_t B = 0, Lq = 0, Lk = 0, M = 0, H = 0, D = 0, R = 0, P = 0;
-  Strided4 q, k, v, r, q_g;
-  // [H, D] float32 contiguous biases (r_s_bias / seg_embed [2, H, D] only with segments)
+  Strided4 q, k, v, r, q_g;  // r.ptr == nullptr: no position term (T5 / plain attention), R = 0
+  // [H, D] float32 contiguous biases or nullptr (r_r_bias only with r; r_s_bias / seg_embed [2, H, D] only
+  // with segments)
   const float *r_w_bias = nullptr, *r_r_bias = nullptr, *r_s_bias = nullptr, *seg_embed = nullptr;
   const int64_t* target_pos = nullptr;  // [B, P] contiguous, -1 = padding row
   const int32_t *q_rank = nullptr, *k_rank = nullptr;  // [B, Lq], [B, Lk] contiguous
@@ -27,6 +28,7 @@ struct AttentionParams {
   int64_t mask_s0 = 0, mask_s1 = 0, mask_s2 = 0;
   const uint8_t* key_padding = nullptr;  // [B, Lk] contiguous, true = padding
   bool causal = false;
+  bool content_sees_self = true;  // XLNet: content row i always sees key M + i, whatever the masks say
   const int64_t *seg_q = nullptr, *seg_k = nullptr;  // [B, Lq], [B, Lk] contiguous
   const uint8_t* seg_diff = nullptr;  // [B, Lq, Lk] bool, strided
   int64_t segd_s0 = 0, segd_s1 = 0, segd_s2 = 0;
@@ -38,6 +40,7 @@ struct AttentionParams {
   bool empty_uniform = false;  // rows with no visible key: mean of all values (HF) instead of 0
   bool has_segments() const { return seg_q != nullptr || seg_diff != nullptr; }
   bool has_query_stream() const { return P > 0 && q_g.ptr != nullptr; }
+  bool has_position_term() const { return r.ptr != nullptr; }
 };
 
 struct AttentionForward {
