@@ -70,7 +70,8 @@ def _probe_reasons(name):
     t5 = dict(t5_bias=x(8, 2), t5_num_buckets=8, t5_max_distance=12, scale=1.0, content_sees_self=False,
               empty_rows="uniform")
     calls = [
-        ((x(2, 5, 2, 4), x(2, 5, 2, 4), x(2, 5, 2, 4)), dict(t5, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))),
+        ((x(2, 5, 2, 4), x(2, 5, 2, 4), x(2, 5, 2, 4)),
+         dict(t5, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))),
         ((x(2, 1, 2, 4), x(2, 4, 2, 4), x(2, 4, 2, 4)),
          dict(t5, t5_bidirectional=False, causal=True, attn_mask=torch.zeros(2, 1, 4, dtype=torch.bool))),
         ((x(2, 5, 2, 4), x(2, 3, 2, 4), x(2, 3, 2, 4)),
