@@ -2,7 +2,6 @@
 gradient, generation and attentions, computes through two_stream_attention and never builds HF's dense bias."""
 
 import copy
-import io
 import pickle
 
 import pytest
