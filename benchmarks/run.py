@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="soft limit: benchmarks not started by then are skipped with that reason")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default on a CPU run: 1, see docs/benchmarks.md)")
+                        help="torch CPU threads (default: every core, see docs/benchmarks.md)")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     parser.add_argument("--no-plots", action="store_true", help="skip PNGs")
     parser.add_argument("--no-interpreter", action="store_true",
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
         os.remove(json_path)   # a stale file must not be reported as this run's
     cmd = pytest_command(args, json_path, extra)
     env = dict(os.environ, PYTHONPATH=common.REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    print("$ " + " ".join(cmd[1:]), flush=True)
+    print("$ python " + " ".join(cmd[1:]), flush=True)
     t0 = time.perf_counter()
     code = subprocess.call(cmd, cwd=common.REPO, env=env)
     elapsed = time.perf_counter() - t0
