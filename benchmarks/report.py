@@ -28,7 +28,8 @@ META_COLUMNS = ["device", "torch", "triton", "cuda", "commit", "datetime", "prof
 
 TITLES = {"two_stream_attention": "two-stream attention", "rtd_loss": "RTD loss",
           "linear_cross_entropy": "linear + cross-entropy (+ sampling)", "xlnet_step": "HF XLNet training step",
-          "electra_step": "ELECTRA objective step"}
+          "electra_step": "ELECTRA objective step", "t5_attention": "T5 self-attention (bucketed bias)",
+          "t5_step": "HF T5 training step"}
 FORMULAS = {
     "two_stream_attention": "fwd+bwd FLOPs = 3 x 6·B·H·D·Lk·(L+P) (ac, bd band and PV, both streams, dense count; "
                             "backward = 2 x forward, recomputation not counted); sdpa_content counts its own "
@@ -37,10 +38,13 @@ FORMULAS = {
     "linear_cross_entropy": "FLOPs = 6·N·E·V (logits forward, d hidden and d weight backward)",
     "xlnet_step": "ms per step (fwd + bwd + AdamW); tokens/s = B·L / step time",
     "electra_step": "ms per step (fwd + bwd + AdamW); tokens/s = B·L / step time",
+    "t5_attention": "fwd+bwd FLOPs = 3 x 4·B·H·L²·D (QK^T and PV, dense count); gradients to q, k, v and the table",
+    "t5_step": "ms per step (fwd + bwd + AdamW); tokens/s = (input + label tokens) / step time",
 }
 #: Ops with a sweep plot: (op, x key, first sweep name) — the x key is the config key the sweep varies.
-PLOTS = (("two_stream_attention", "L", "L"), ("rtd_loss", "tokens", "tokens"), ("linear_cross_entropy", "N", "N"))
-STEPS = ("xlnet_step", "electra_step")
+PLOTS = (("two_stream_attention", "L", "L"), ("rtd_loss", "tokens", "tokens"), ("linear_cross_entropy", "N", "N"),
+         ("t5_attention", "L", "L"))
+STEPS = ("xlnet_step", "electra_step", "t5_step")
 
 
 # --- reading --------------------------------------------------------------------------------------

@@ -11,16 +11,18 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from . import attention, e2e, lce, rtd
+from . import attention, e2e, lce, rtd, t5
 from .common import backend_names
 
 #: Short op names (test ids, ``--ops`` of ``python -m benchmarks.run``) -> op module.
-OPS = {"attention": attention, "rtd": rtd, "lce": lce, "xlnet": e2e.XLNetStep, "electra": e2e.ElectraStep}
+OPS = {"attention": attention, "rtd": rtd, "lce": lce, "t5": t5.T5Attention, "xlnet": e2e.XLNetStep,
+       "electra": e2e.ElectraStep, "t5_step": t5.T5Step}
 #: Per op: the provider the "x ref" column divides by.
 REFERENCE = {"two_stream_attention": "reference", "rtd_loss": "reference", "linear_cross_entropy": "reference",
-             "xlnet_step": "patched[reference]", "electra_step": "ops[reference]"}
+             "t5_attention": "reference", "xlnet_step": "patched[reference]", "electra_step": "ops[reference]",
+             "t5_step": "patched[reference]"}
 #: Ops with a sweep plot (the first sweep of the op); steps get one bar plot together.
-PLOTTED = ("attention", "rtd", "lce")
+PLOTTED = ("attention", "rtd", "lce", "t5")
 #: Per profile: seconds of timed calls per benchmark (the rounds fit it within [min_rounds, max_rounds]) and
 #: warm-up rounds (untimed) before them.
 TIMING = {"tiny": dict(budget_s=0.05, min_rounds=3, max_rounds=10, warmup_rounds=1),
@@ -49,8 +51,12 @@ def provider_names(mod) -> list:
         return backends + [rtd.EAGER]
     if mod is lce:
         return backends + [lce.EAGER, "liger_flce", "cut_cross_entropy"]
+    if mod is t5.T5Attention:
+        return backends + [mod.EAGER, "hf_sdpa"]
     if mod is e2e.XLNetStep:
         return [mod.EAGER] + [f"patched[{b}]" for b in backends]
+    if mod is t5.T5Step:
+        return [mod.EAGER, "hf_sdpa"] + [f"patched[{b}]" for b in backends]
     if mod is e2e.ElectraStep:
         import pyobjectives as po
         objective = ([f"ElectraObjective[{b}]" for b in backends] if hasattr(po.nn, "ElectraObjective")
@@ -70,6 +76,11 @@ def config_id(mod, cfg: dict) -> str:
         return f"rtd-N{cfg['tokens']}-B{cfg['tokens'] // cfg['L']}-L{cfg['L']}-{form}-{dt}"
     if mod is lce:
         return f"lce-N{cfg['N']}-E{cfg['E']}-V{cfg['V']}-{dt}" + ("-sample" if cfg["sample"] else "")
+    if mod is t5.T5Attention:
+        return f"t5_attention-B{cfg['B']}-L{cfg['L']}-H{cfg['H']}-D{cfg['D']}-NB{cfg['buckets']}-{dt}"
+    if mod is t5.T5Step:
+        return (f"t5_step-enc{cfg['layers']}-dec{cfg['layers']}-d{cfg['d_model']}-h{cfg['heads']}-B{cfg['B']}"
+                f"-L{cfg['L']}-V{cfg['vocab']}-{dt}")
     if mod is e2e.XLNetStep:
         return (f"xlnet_step-{cfg['n_layer']}x{cfg['d_model']}-h{cfg['n_head']}-B{cfg['B']}-L{cfg['L']}"
                 f"-V{cfg['vocab']}-{dt}")

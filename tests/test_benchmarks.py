@@ -18,7 +18,8 @@ sys.path.insert(0, REPO)
 from benchmarks import common, memory, report, rtd, suite  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-OPS = {"two_stream_attention", "rtd_loss", "linear_cross_entropy", "xlnet_step", "electra_step"}
+OPS = {"two_stream_attention", "rtd_loss", "linear_cross_entropy", "t5_attention", "xlnet_step", "electra_step",
+       "t5_step"}
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the tiny profile is the CPU path")
 
 
@@ -57,7 +58,7 @@ def test_tiny_suite_writes_pytest_benchmark_json(tiny_run):
     for b in benches:
         info = b["extra_info"]
         # readable ids: op-configuration-provider, e.g. attention-B2-L64-H2-D16-P16-fp32-cpu
-        assert re.fullmatch(r"(attention|rtd|lce|xlnet_step|electra_step)-[A-Za-z0-9_.-]+", b["param"]), b["param"]
+        assert re.fullmatch(r"(attention|rtd|lce|t5_attention|xlnet_step|electra_step|t5_step)-[A-Za-z0-9_.-]+", b["param"]), b["param"]
         assert b["param"].endswith(suite.provider_id(info["provider"]))
         # grouped per (op, configuration): the group names the op and the configuration, not the provider
         assert b["group"] == f"{info['op']}: {info['label']}"
@@ -76,7 +77,7 @@ def test_tiny_suite_writes_pytest_benchmark_json(tiny_run):
     attn_ref = [b["extra_info"] for b in benches if b["extra_info"]["op"] == "two_stream_attention"
                 and b["extra_info"]["provider"] == "reference"]
     assert attn_ref and all(r["tflops"] > 0 and r["gbps"] > 0 and r["roofline_pct"] > 0 for r in attn_ref)
-    steps = [b["extra_info"] for b in benches if b["extra_info"]["op"] in ("xlnet_step", "electra_step")]
+    steps = [b["extra_info"] for b in benches if b["extra_info"]["op"] in ("xlnet_step", "electra_step", "t5_step")]
     assert steps and all(r["tokens_per_s"] > 0 for r in steps)
 
 
@@ -91,7 +92,8 @@ def test_report_files(tiny_run):
     assert all(r["device"] == device and r["commit"] for r in csv_rows)
     json.loads(csv_rows[0]["config"])
     pngs = sorted(p.name for p in out.glob("t_*.png"))
-    assert pngs == ["t_linear_cross_entropy.png", "t_rtd_loss.png", "t_steps.png", "t_two_stream_attention.png"]
+    assert pngs == ["t_linear_cross_entropy.png", "t_rtd_loss.png", "t_steps.png", "t_t5_attention.png",
+                    "t_two_stream_attention.png"]
     for name in pngs:
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     md = (out / "t.md").read_text()
