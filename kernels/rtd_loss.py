@@ -362,7 +362,7 @@ def _rtd_fwd(x, w, b, corrupted, original, mask, loss_weight, reduction, need_x,
                          n_repl, n_real])
     empty = lambda dtype: part.new_empty(0, dtype=dtype)  # noqa: E731  (outputs never alias each other)
     return (loss, stats, g if g is not None else empty(acc), dwp.sum(0) if dwp is not None else empty(acc),
-            sums[6].reshape(1), denom if denom is not None else empty(torch.float64))
+            sums[6:7].clone(), denom if denom is not None else empty(torch.float64))
 
 
 @torch.library.register_fake(OP_FWD)
