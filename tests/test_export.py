@@ -165,3 +165,30 @@ def test_export_patched_xlnet_generation(backend):
             torch.testing.assert_close(run(ids, perm, m), want, rtol=1e-5, atol=1e-5)
         # eager takes the one-hot fast path (P query rows), the exported graph the scatter path: same result
         torch.testing.assert_close(run(ids, perm, mapping), model(ids, perm, mapping), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backend_params(("reference", "cpu")))
+def test_export_patched_t5(backend):
+    from test_t5_patch import make_model, seq2seq_inputs, tiny_config
+    from transformers import T5ForConditionalGeneration
+
+    from pyobjectives.integrations import patch_t5
+
+    hf = make_model(T5ForConditionalGeneration, tiny_config())
+    inputs = seq2seq_inputs()
+    args = (inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+    with torch.no_grad():
+        want = hf(**inputs).logits
+
+    class Seq2Seq(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids, mask, labels):
+            return self.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).logits
+
+    exported = torch.export.export(Seq2Seq(patch_t5(hf, backend=backend).eval()), args, strict=False)
+    assert _ops_in(exported) == EXPECTED_OPS[backend]
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(*args), want, rtol=1e-5, atol=1e-5)

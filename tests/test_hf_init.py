@@ -100,3 +100,24 @@ def test_from_pretrained_initialises_missing_attention_keys(tmp_path):
     std = torch.cat([getattr(attention(patched, 0), p).detach().flatten() for p in ATTN_PARAMS]).std().item()
     assert abs(std - 0.05) < 0.01, f"missing keys not drawn from normal(0, initializer_range): std {std}"
     torch.testing.assert_close(attention(patched, 1).q, attention(source, 1).q, rtol=0, atol=0)
+
+
+def test_t5_reinitialisation_reaches_patched_layers():
+    """patch_t5 swaps each attention module's class for a subclass of HF's: HF's init still applies."""
+    from test_t5_patch import tiny_config
+    from transformers import T5ForConditionalGeneration
+
+    from pyobjectives.integrations import patch_t5
+
+    torch.manual_seed(0)
+    hf = T5ForConditionalGeneration(tiny_config())
+    patched = patch_t5(T5ForConditionalGeneration(tiny_config()), backend="reference")
+    patched.load_state_dict(hf.state_dict())
+    before = hf.encoder.block[0].layer[0].SelfAttention.q.weight.detach().clone()
+    for model in (hf, patched):
+        torch.manual_seed(1)
+        for module in model.modules():
+            module._is_hf_initialized = False
+        model.init_weights()
+    assert not torch.equal(hf.encoder.block[0].layer[0].SelfAttention.q.weight, before)
+    assert_same_parameters(hf, patched)

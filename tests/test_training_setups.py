@@ -154,6 +154,31 @@ def test_compile_fullgraph_patched_xlnet(backend):
     assert_close_dicts(grads(model), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph_patched_t5(backend):
+    from test_t5_patch import make_model, seq2seq_inputs, tiny_config
+    from transformers import T5ForConditionalGeneration
+
+    from pyobjectives.integrations import patch_t5
+
+    torch._dynamo.reset()
+    model = patch_t5(make_model(T5ForConditionalGeneration, tiny_config()), backend=backend)
+    inputs = seq2seq_inputs()
+
+    def loss_of(ids, mask, labels):
+        return model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+
+    args = (inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+    eager = loss_of(*args)
+    eager.backward()
+    want = grads(model)
+    model.zero_grad()
+    loss = torch.compile(loss_of, fullgraph=True, backend="aot_eager")(*args)
+    loss.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-6, atol=1e-6)
+    assert_close_dicts(grads(model), want, rtol=1e-5, atol=1e-6)
+
+
 PYOBJECTIVES_DIR = os.path.dirname(po.__file__)
 #: Where the ELECTRA objective breaks a graph, and why: the masking takes a torch.Generator (Dynamo
 #: cannot trace one) and validates the mask's values; the generator runs on a data-dependent number
