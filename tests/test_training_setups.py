@@ -6,7 +6,6 @@ checkpointing through the attention op with dropout.
 Tiny configs only; the distributed tests spawn 2 processes each.
 """
 
-import copy
 import os
 import socket
 import sys
