@@ -42,19 +42,19 @@ __device__ __forceinline__ BwdRows bwd_rows(const Features& f, const RowTable& r
   BwdRows r;
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
-    r.lse[k] = rt.lse[tr.rl[k]];
-    r.delta[k] = rt.delta[tr.rl[k]];
+    r.lse[k] = rt.lse[thread_row(k)];
+    r.delta[k] = rt.delta[thread_row(k)];
     r.uniform[k] = f.uniform && tr.valid[k] && r.lse[k] == INFINITY;
   }
   return r;
 }
 
-// s (scores) -> dS (unscaled) in place; pd gets the dropped probabilities P * keep / (1 - p).
-// dp holds dO V^T on entry.
-template <int NB>
+// s (scores) -> dS (unscaled) in place; the dropped probabilities P * keep / (1 - p) go to the
+// [rows, keys] tile pd (row stride ld) when given. dp holds dO V^T on entry.
+template <typename T, int NB>
 __device__ __forceinline__ void softmax_grad(const AttentionParams& p, const Features& f, const ThreadRows& tr,
                                              const BwdRows& br, int64_t n0, float (&s)[NB][4],
-                                             const float (&dp)[NB][4], float (*pd)[4]) {
+                                             const float (&dp)[NB][4], T* pd, int ld) {
   const int t = (threadIdx.x & 31) & 3;
   const float uni = p.Lk > 0 ? 1.f / float(p.Lk) : 0.f;
 #pragma unroll
@@ -65,9 +65,9 @@ __device__ __forceinline__ void softmax_grad(const AttentionParams& p, const Fea
       const int64_t j = n0 + nb * 8 + 2 * t + (e & 1);
       const float pr = br.uniform[k] ? (j < p.Lk ? uni : 0.f) : expf(s[nb][e] - br.lse[k]);
       float kf = 1.f;
-      if (f.dropout && pr != 0.f) kf = keep_bit(f, tr.drop[k], j, p.dropout_p) ? f.inv_keep : 0.f;
+      if (f.dropout && pr != 0.f) kf = keep_bit(f, tr.drop(k), j, p.dropout_p) ? f.inv_keep : 0.f;
       s[nb][e] = pr * (dp[nb][e] * kf - br.delta[k]);
-      if (pd != nullptr) pd[nb][e] = pr * kf;
+      if (pd != nullptr) pd[thread_row(k) * ld + nb * 8 + 2 * t + (e & 1)] = from_f<T>(pr * kf);
     }
 }
 
@@ -80,6 +80,9 @@ struct WarpScratch {  // per warp: fp32 skew scratch, then the bf16 un-skewed dS
   static constexpr int kBytes = ((kBytes0 > kBytes1 ? kBytes0 : kBytes1) + 15) / 16 * 16;
 };
 
+template <int D>
+constexpr bool kDqDoInSmem = D == 64;
+
 template <typename T, int D>
 struct DqSmem {
   using C = Cfg<D>;
@@ -91,6 +94,9 @@ struct DqSmem {
   T k[2][C::BN * D];
   T v[2][C::BN * D];
   T r[2][C::BAND * D];
+  // dO stays staged for D = 64 (its A fragments are reloaded per tile: registers are the limit there);
+  // for D = 128 shared memory is the limit, so dO lives in registers
+  T dO[kDqDoInSmem<D> ? kBM * D : 8];
   RowTable rt;
 };
 
@@ -133,24 +139,26 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(AttentionParams p, Attenti
   const Strided4 qt = rs.content ? p.q : p.q_g;
   const Strided4 dot = rs.content ? g.do_h : g.do_g;
 
-  fill_rows(p, ws, b, h, rs, sm.rt, g.lse_h, g.lse_g, ws.delta_h, ws.delta_g);
+  fill_rows(p, f, ws, b, h, rs, sm.rt, g.lse_h, g.lse_g, ws.delta_h, ws.delta_g);
   __syncthreads();
   load_tile<T, D, kBM>(sm.u.stage, qt, vectorizable<T>(qt), b, h, TableRows{sm.rt.row});
   cp_async_fence();
   cp_async_wait<0>();
   __syncthreads();
   if (f.seg) segment_terms<T, D>(p, h, sm.u.stage, sm.rt);
-  uint32_t qa[C::KD][4], doa[C::KD][4];
+  constexpr bool kDoSmem = kDqDoInSmem<D>;
+  uint32_t qa[C::KD][4], doa[kDoSmem ? 1 : C::KD][4];
   load_a_frags<T, D>(sm.u.stage, qa);
   __syncthreads();
-  load_tile<T, D, kBM>(sm.u.stage, dot, vectorizable<T>(dot), b, h, TableRows{sm.rt.row});
+  T* do_stage = kDoSmem ? sm.dO : sm.u.stage;
+  load_tile<T, D, kBM>(do_stage, dot, vectorizable<T>(dot), b, h, TableRows{sm.rt.row});
   cp_async_fence();
   cp_async_wait<0>();
   __syncthreads();
-  load_a_frags<T, D>(sm.u.stage, doa);
+  if constexpr (!kDoSmem) load_a_frags<T, D>(do_stage, doa);
   __syncthreads();  // sm.u becomes the per-warp scratch
   ThreadRows tr;
-  thread_rows(p, f, sm.rt, rs, b, h, tr);
+  thread_rows(sm.rt, rs, tr);
   const BwdRows br = bwd_rows(f, sm.rt, tr);
   float* sbd = reinterpret_cast<float*>(sm.u.scratch[warp]);
   T* sdb = reinterpret_cast<T*>(sm.u.scratch[warp]);
@@ -189,8 +197,14 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(AttentionParams p, Attenti
                      s, differ);
 #pragma unroll
     for (int nb = 0; nb < C::NB; ++nb) dp[nb][0] = dp[nb][1] = dp[nb][2] = dp[nb][3] = 0.f;
-    mma_abt<T, D, C::NB>(dp, doa, sm.v[st]);
-    softmax_grad<C::NB>(p, f, tr, br, n0, s, dp, nullptr);
+    if constexpr (kDoSmem) {
+      uint32_t da[C::KD][4];
+      load_a_frags<T, D>(sm.dO, da);
+      mma_abt<T, D, C::NB>(dp, da, sm.v[st]);
+    } else {
+      mma_abt<T, D, C::NB>(dp, doa, sm.v[st]);
+    }
+    softmax_grad<T, C::NB>(p, f, tr, br, n0, s, dp, static_cast<T*>(nullptr), 0);
 #pragma unroll
     for (int nb = 0; nb < C::NB; ++nb)
 #pragma unroll
@@ -238,7 +252,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(AttentionParams p, Attenti
   const float* se1 = f.seg ? p.seg_embed + (p.H + h) * D : nullptr;
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
-    const int row = sm.rt.row[tr.rl[k]];
+    const int row = sm.rt.row[thread_row(k)];
     if (row < 0) continue;
 #pragma unroll
     for (int nd = 0; nd < D / 8; ++nd) {
@@ -343,13 +357,13 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(AttentionParams p, Atten
   const float* wk = f.wk ? ws.wk + (b * p.H + h) * p.Lk : nullptr;
   const float* rr = f.r ? ws.rr + ((p.r.s0 != 0 ? b : 0) * p.H + h) * p.R : nullptr;
 
-  float dk[DW / 8][4], dv[DW / 8][4], cs[C::NB][2];
+  float dk[DW / 8][4], dv[DW / 8][4];
 #pragma unroll
   for (int nd = 0; nd < DW / 8; ++nd)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[nd][e] = dv[nd][e] = 0.f;
-#pragma unroll
-  for (int nb = 0; nb < C::NB; ++nb) cs[nb][0] = cs[nb][1] = 0.f;
+  // colsum(dS) per key: each warp sums its rows into its own row of sm.cs (lanes own columns)
+  for (int i = threadIdx.x; i < kWarps * C::BN; i += kThreads) sm.cs[i / C::BN][i % C::BN] = 0.f;
 
   for (int x = 0; x < n_mb + maxc; ++x) {
     RowSet rs;
@@ -358,7 +372,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(AttentionParams p, Atten
     const Strided4 qt = rs.content ? p.q : p.q_g;
     const Strided4 dot = rs.content ? g.do_h : g.do_g;
     __syncthreads();  // the previous set's tiles are consumed
-    fill_rows(p, ws, b, h, rs, sm.rt, g.lse_h, g.lse_g, ws.delta_h, ws.delta_g);
+    fill_rows(p, f, ws, b, h, rs, sm.rt, g.lse_h, g.lse_g, ws.delta_h, ws.delta_g);
     __syncthreads();
     load_tile<T, D, kBM>(sm.q, qt, vectorizable<T>(qt), b, h, TableRows{sm.rt.row});
     load_tile<T, D, kBM>(sm.dO, dot, vectorizable<T>(dot), b, h, TableRows{sm.rt.row});
@@ -371,9 +385,9 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(AttentionParams p, Atten
       __syncthreads();
     }
     ThreadRows tr;
-    thread_rows(p, f, sm.rt, rs, b, h, tr);
+    thread_rows(sm.rt, rs, tr);
     const BwdRows br = bwd_rows(f, sm.rt, tr);
-    float s[C::NB][4], dp[C::NB][4], pd[C::NB][4];
+    float s[C::NB][4], dp[C::NB][4];
     {
       uint32_t qa[C::KD][4];
       load_a_frags<T, D>(sm.q, qa);
@@ -388,32 +402,27 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(AttentionParams p, Atten
       for (int nb = 0; nb < C::NB; ++nb) dp[nb][0] = dp[nb][1] = dp[nb][2] = dp[nb][3] = 0.f;
       mma_abt<T, D, C::NB>(dp, doa, sm.v);
     }
-    softmax_grad<C::NB>(p, f, tr, br, n0, s, dp, pd);
+    softmax_grad<T, C::NB>(p, f, tr, br, n0, s, dp, sm.pd, C::P_STRIDE);
 #pragma unroll
-    for (int nb = 0; nb < C::NB; ++nb)
+    for (int nb = 0; nb < C::NB; ++nb) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int rl = tr.rl[e >> 1], c = nb * 8 + 2 * t + (e & 1);
-        const float x = s[nb][e] * p.scale;
-        cs[nb][e & 1] += x;
-        sm.ds[rl * C::P_STRIDE + c] = from_f<T>(x);
-        sm.pd[rl * C::P_STRIDE + c] = from_f<T>(pd[nb][e]);
+        s[nb][e] *= p.scale;
+        sm.ds[thread_row(e >> 1) * C::P_STRIDE + nb * 8 + 2 * t + (e & 1)] = from_f<T>(s[nb][e]);
       }
+#pragma unroll
+      for (int c2 = 0; c2 < 2; ++c2) {
+        const float x = group_sum(s[nb][c2] + s[nb][2 + c2]);
+        if (gq == 0) sm.cs[warp][nb * 8 + 2 * t + c2] += x;
+      }
+    }
     __syncthreads();
     mma_xt_y<T, D, DW>(dv, sm.pd, sm.dO, kr0, d0);
     mma_xt_y<T, D, DW>(dk, sm.ds, sm.q, kr0, d0);
   }
   cp_async_wait<0>();  // K / V staged even when no row set exists
 
-  // colsum(dS) per key: over row groups (shuffles), then over warps in a fixed order
-#pragma unroll
-  for (int nb = 0; nb < C::NB; ++nb)
-#pragma unroll
-    for (int c2 = 0; c2 < 2; ++c2) {
-      const float x = group_sum(cs[nb][c2]);
-      if (gq == 0) sm.cs[warp][nb * 8 + 2 * t + c2] = x;
-    }
-  __syncthreads();
+  __syncthreads();  // colsum over warps in a fixed order
   if (threadIdx.x < C::BN) {
     float x = 0.f;
 #pragma unroll
@@ -453,13 +462,15 @@ template <typename T, int D>
 struct DrSmem {
   using C = Cfg<D>;
   T r[C::BAND * D];
-  T k[C::BN * D];
-  T v[C::BN * D];
   T q[kBM * D];
   T dO[kBM * D];
   union {
-    float bd[kWarps][16 * C::BD_STRIDE];
-    float band[kBM][C::BAND + 4];  // unscaled dS un-skewed onto the band
+    struct {
+      T k[C::BN * D];
+      T v[C::BN * D];
+      float bd[kWarps][16 * C::BD_STRIDE];
+    } tile;                        // until dS is known
+    float band[kBM][C::BAND + 4];  // then: unscaled dS un-skewed onto the band
   } u;
   RowTable rt;
   float colsum[C::BAND];
@@ -499,12 +510,12 @@ __global__ void __launch_bounds__(kThreads) dr_kernel(AttentionParams p, Attenti
     const Strided4 qt = rs.content ? p.q : p.q_g;
     const Strided4 dot = rs.content ? g.do_h : g.do_g;
     __syncthreads();
-    fill_rows(p, ws, b, h, rs, sm.rt, g.lse_h, g.lse_g, ws.delta_h, ws.delta_g);
+    fill_rows(p, f, ws, b, h, rs, sm.rt, g.lse_h, g.lse_g, ws.delta_h, ws.delta_g);
     __syncthreads();
     load_tile<T, D, kBM>(sm.q, qt, vectorizable<T>(qt), b, h, TableRows{sm.rt.row});
     load_tile<T, D, kBM>(sm.dO, dot, vectorizable<T>(dot), b, h, TableRows{sm.rt.row});
-    load_tile<T, D, C::BN>(sm.k, p.k, vectorizable<T>(p.k), b, h, RangeRows{n0, p.Lk});
-    load_tile<T, D, C::BN>(sm.v, p.v, vectorizable<T>(p.v), b, h, RangeRows{n0, p.Lk});
+    load_tile<T, D, C::BN>(sm.u.tile.k, p.k, vectorizable<T>(p.k), b, h, RangeRows{n0, p.Lk});
+    load_tile<T, D, C::BN>(sm.u.tile.v, p.v, vectorizable<T>(p.v), b, h, RangeRows{n0, p.Lk});
     cp_async_fence();
     cp_async_wait<0>();
     __syncthreads();
@@ -513,32 +524,32 @@ __global__ void __launch_bounds__(kThreads) dr_kernel(AttentionParams p, Attenti
       __syncthreads();
     }
     ThreadRows tr;
-    thread_rows(p, f, sm.rt, rs, b, h, tr);
+    thread_rows(sm.rt, rs, tr);
     const BwdRows br = bwd_rows(f, sm.rt, tr);
     float s[C::NB][4], dp[C::NB][4];
     {
       uint32_t qa[C::KD][4];
       load_a_frags<T, D>(sm.q, qa);
       uint32_t differ;
-      score_tile<T, D>(p, f, tr, rs.content, b, h, n0, band_start(p.Lq, m0, n0), qa, sm.k, sm.r, sm.u.bd[warp], wk,
-                       rr, s, differ);
+      score_tile<T, D>(p, f, tr, rs.content, b, h, n0, band_start(p.Lq, m0, n0), qa, sm.u.tile.k, sm.r,
+                       sm.u.tile.bd[warp], wk, rr, s, differ);
     }
     {
       uint32_t doa[C::KD][4];
       load_a_frags<T, D>(sm.dO, doa);
 #pragma unroll
       for (int nb = 0; nb < C::NB; ++nb) dp[nb][0] = dp[nb][1] = dp[nb][2] = dp[nb][3] = 0.f;
-      mma_abt<T, D, C::NB>(dp, doa, sm.v);
+      mma_abt<T, D, C::NB>(dp, doa, sm.u.tile.v);
     }
-    softmax_grad<C::NB>(p, f, tr, br, n0, s, dp, nullptr);
-    __syncthreads();  // every warp is done with its skew scratch (the same bytes as sm.u.band)
+    softmax_grad<T, C::NB>(p, f, tr, br, n0, s, dp, static_cast<T*>(nullptr), 0);
+    __syncthreads();  // every warp is done with K, V and its skew scratch (the same bytes as sm.u.band)
     for (int idx = lane; idx < 16 * (C::BAND + 4); idx += 32) sm.u.band[warp * 16 + idx / (C::BAND + 4)][idx % (C::BAND + 4)] = 0.f;
     __syncwarp();
 #pragma unroll
     for (int nb = 0; nb < C::NB; ++nb)
 #pragma unroll
       for (int e = 0; e < 4; ++e)
-        if (tr.valid[e >> 1]) sm.u.band[tr.rl[e >> 1]][tr.off[e >> 1] + nb * 8 + 2 * t + (e & 1)] = s[nb][e];
+        if (tr.valid[e >> 1]) sm.u.band[thread_row(e >> 1)][tr.off[e >> 1] + nb * 8 + 2 * t + (e & 1)] = s[nb][e];
     __syncthreads();
     if (threadIdx.x < C::BAND)
       for (int i = 0; i < kBM; ++i) colsum += sm.u.band[i][threadIdx.x];

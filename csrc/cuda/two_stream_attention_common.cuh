@@ -323,18 +323,21 @@ __device__ __forceinline__ bool row_set(const AttentionParams& p, const Workspac
   return rs.count > 0;
 }
 
-// Per-CTA row table in shared memory.
+// Per-CTA row table in shared memory (per-row values live here rather than in registers).
 struct RowTable {
   int row[kBM];    // row index in q (content) or q_g (query stream); -1 = no row
   int pos[kBM];    // query position (block start for missing rows)
   float e0[kBM], e1[kBM];  // segment terms (q + r_s_bias) . seg_embed[0 / 1]
   float lse[kBM], delta[kBM];
+  int32_t qrank[kBM];
+  int64_t segq[kBM];
+  uint64_t drop[kBM];  // dropout offset of key 0
 };
 
-// Threads 0..63 fill row / pos for the set (lse / delta in the backward: pass non-null).
-__device__ __forceinline__ void fill_rows(const AttentionParams& p, const Workspace& ws, int64_t b, int64_t h,
-                                          const RowSet& rs, RowTable& rt, const float* lse_h, const float* lse_g,
-                                          const float* delta_h, const float* delta_g) {
+// Threads 0..63 fill the table for the set (lse / delta in the backward: pass non-null).
+__device__ __forceinline__ void fill_rows(const AttentionParams& p, const Features& f, const Workspace& ws,
+                                          int64_t b, int64_t h, const RowSet& rs, RowTable& rt, const float* lse_h,
+                                          const float* lse_g, const float* delta_h, const float* delta_g) {
   const int i = threadIdx.x;
   if (i >= kBM) return;
   const int64_t m0 = int64_t(rs.m_blk) * kBM;
@@ -348,6 +351,10 @@ __device__ __forceinline__ void fill_rows(const AttentionParams& p, const Worksp
   }
   rt.row[i] = row;
   rt.pos[i] = int(pos);
+  rt.qrank[i] = f.rank && row >= 0 ? p.q_rank[b * p.Lq + pos] : 0;
+  rt.segq[i] = f.seg_ids && row >= 0 ? p.seg_q[b * p.Lq + pos] : 0;
+  rt.drop[i] = row >= 0 ? dropout_row_offset(p.B, p.H, p.Lq, p.Lk, p.P, b, h, row, rs.content) : 0;
+  rt.e0[i] = rt.e1[i] = 0.f;
   if (lse_h != nullptr) {
     float lse = INFINITY, delta = 0.f;
     if (row >= 0) {
@@ -378,40 +385,27 @@ __device__ __forceinline__ void segment_terms(const AttentionParams& p, int64_t 
   if (half == 0) rt.e0[i] = e0, rt.e1[i] = e1;
 }
 
-// The two rows a thread holds in MMA accumulators: warp rows g and g + 8.
+// The two rows a thread holds in MMA accumulators: warp rows g and g + 8 (row within the set:
+// warp * 16 + g + 8 k); the rest of their values is read from the row table when needed.
+__device__ __forceinline__ int thread_row(int k) { return (threadIdx.x >> 5) * 16 + ((threadIdx.x & 31) >> 2) + 8 * k; }
+
 struct ThreadRows {
-  int rl[2];       // row within the set
+  const RowTable* rt;
   int pos[2];
   bool valid[2];
-  int off[2];      // band offset
-  int32_t qrank[2];
-  int64_t segq[2];
-  float e0[2], e1[2];
-  uint64_t drop[2];  // dropout offset of key 0
-  const uint8_t* mask[2];
-  const uint8_t* segd[2];
+  int off[2];  // band offset
+  __device__ __forceinline__ uint64_t drop(int k) const { return rt->drop[thread_row(k)]; }
 };
 
-__device__ __forceinline__ void thread_rows(const AttentionParams& p, const Features& f, const RowTable& rt,
-                                            const RowSet& rs, int64_t b, int64_t h, ThreadRows& tr) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+__device__ __forceinline__ void thread_rows(const RowTable& rt, const RowSet& rs, ThreadRows& tr) {
   const int64_t m0 = int64_t(rs.m_blk) * kBM;
+  tr.rt = &rt;
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
-    const int rl = warp * 16 + (lane >> 2) + 8 * k;
-    tr.rl[k] = rl;
-    const int row = rt.row[rl];
-    const int pos = rt.pos[rl];
-    tr.pos[k] = pos;
-    tr.valid[k] = row >= 0;
-    tr.off[k] = band_offset(m0, pos);
-    tr.qrank[k] = f.rank && row >= 0 ? p.q_rank[b * p.Lq + pos] : 0;
-    tr.segq[k] = f.seg_ids && row >= 0 ? p.seg_q[b * p.Lq + pos] : 0;
-    tr.e0[k] = f.seg ? rt.e0[rl] : 0.f;
-    tr.e1[k] = f.seg ? rt.e1[rl] : 0.f;
-    tr.drop[k] = row >= 0 ? dropout_row_offset(p.B, p.H, p.Lq, p.Lk, p.P, b, h, row, rs.content) : 0;
-    tr.mask[k] = f.mask ? p.attn_mask + b * p.mask_s0 + int64_t(pos) * p.mask_s1 : nullptr;
-    tr.segd[k] = f.seg && !f.seg_ids ? p.seg_diff + b * p.segd_s0 + int64_t(pos) * p.segd_s1 : nullptr;
+    const int rl = thread_row(k);
+    tr.pos[k] = rt.pos[rl];
+    tr.valid[k] = rt.row[rl] >= 0;
+    tr.off[k] = band_offset(m0, tr.pos[k]);
   }
 }
 
@@ -530,26 +524,29 @@ __device__ __forceinline__ void score_tile(const AttentionParams& p, const Featu
 
   differ = 0;
   const int64_t n_dist = p.Lq + p.Lk - 1;
+  const RowTable& rt = *tr.rt;
 #pragma unroll
   for (int nb = 0; nb < C::NB; ++nb)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int k = e >> 1;
+      const int k = e >> 1, rl = thread_row(k);
       const int64_t j = n0 + nb * 8 + 2 * t + (e & 1);
       const bool kin = j < p.Lk, ok = kin && tr.valid[k];
       float x = s[nb][e];
       if (f.wk && kin) x += wk[j];
       if (f.seg) {
         bool d = false;
-        if (ok) d = f.seg_ids ? p.seg_k[b * p.Lk + j] != tr.segq[k] : tr.segd[k][j * p.segd_s2] != 0;
+        if (ok)
+          d = f.seg_ids ? p.seg_k[b * p.Lk + j] != rt.segq[rl]
+                        : p.seg_diff[b * p.segd_s0 + tr.pos[k] * p.segd_s1 + j * p.segd_s2] != 0;
         differ |= uint32_t(d) << (nb * 4 + e);
-        x += d ? tr.e1[k] : tr.e0[k];
+        x += d ? rt.e1[rl] : rt.e0[rl];
       }
       x *= p.scale;
       if (f.t5 && ok) x += p.t5_dist[h * n_dist + t5_column(p.Lq, tr.pos[k], j)];
       bool vis = ok;
-      if (f.rank && ok) vis = vis && rank_allows(p.k_rank[b * p.Lk + j], tr.qrank[k]);
-      if (f.mask && ok) vis = vis && tr.mask[k][j * p.mask_s2] == 0;
+      if (f.rank && ok) vis = vis && rank_allows(p.k_rank[b * p.Lk + j], rt.qrank[rl]);
+      if (f.mask && ok) vis = vis && p.attn_mask[b * p.mask_s0 + tr.pos[k] * p.mask_s1 + j * p.mask_s2] == 0;
       if (f.kpm && ok) vis = vis && p.key_padding[b * p.Lk + j] == 0;
       if (f.causal) vis = vis && causal_allows(j, p.M, tr.pos[k]);
       if (content && f.self && ok && j == content_diagonal(p.M, tr.pos[k])) vis = true;

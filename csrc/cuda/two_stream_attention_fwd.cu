@@ -145,7 +145,7 @@ struct FwdSmem {
 };
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) forward_kernel(AttentionParams p, AttentionForward o, Workspace ws,
+__global__ void __launch_bounds__(kThreads, 1) forward_kernel(AttentionParams p, AttentionForward o, Workspace ws,
                                                            Features f, int n_mb, int maxc) {
   using C = Cfg<D>;
   extern __shared__ __align__(16) char smem_raw[];
@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(AttentionParams p, At
   const int64_t m0 = int64_t(rs.m_blk) * kBM;
   const Strided4 qt = rs.content ? p.q : p.q_g;
 
-  fill_rows(p, ws, b, h, rs, sm.rt, nullptr, nullptr, nullptr, nullptr);
+  fill_rows(p, f, ws, b, h, rs, sm.rt, nullptr, nullptr, nullptr, nullptr);
   __syncthreads();
   load_tile<T, D, kBM>(sm.u.q, qt, vectorizable<T>(qt), b, h, TableRows{sm.rt.row});
   cp_async_fence();
@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(AttentionParams p, At
   load_a_frags<T, D>(sm.u.q, qa);
   __syncthreads();  // sm.u becomes the skew scratch; rt.e0 / e1 are complete
   ThreadRows tr;
-  thread_rows(p, f, sm.rt, rs, b, h, tr);
+  thread_rows(sm.rt, rs, tr);
 
   const int64_t n_nb = ceil_div(p.Lk, C::BN);
   const bool kvec = vectorizable<T>(p.k), vvec = vectorizable<T>(p.v), rvec = f.r && vectorizable<T>(p.r);
@@ -221,7 +221,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(AttentionParams p, At
           float pr = expf(s[nb][e] - m_safe);
           l_run[k] += pr;
           // the normaliser counts dropped entries; 1 / (1 - p) is applied once at the end
-          if (f.dropout && pr != 0.f && !keep_bit(f, tr.drop[k], n0 + nb * 8 + 2 * t + (e & 1), p.dropout_p))
+          if (f.dropout && pr != 0.f && !keep_bit(f, tr.drop(k), n0 + nb * 8 + 2 * t + (e & 1), p.dropout_p))
             pr = 0.f;
           s[nb][e] = pr;
         }
@@ -254,7 +254,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(AttentionParams p, At
           const int k = e >> 1;
           const int64_t j = n0 + nb * 8 + 2 * t + (e & 1);
           const bool on = empty[k] && tr.valid[k] && j < p.Lk;
-          s[nb][e] = on && (!f.dropout || keep_bit(f, tr.drop[k], j, p.dropout_p)) ? 1.f : 0.f;
+          s[nb][e] = on && (!f.dropout || keep_bit(f, tr.drop(k), j, p.dropout_p)) ? 1.f : 0.f;
         }
       uint32_t pa[C::NB / 2][4];
       c_to_a<T, C::NB>(s, pa);
@@ -268,7 +268,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(AttentionParams p, At
                     ot.s1 % 2 == 0 && ot.s2 % 2 == 0;
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
-    const int row = sm.rt.row[tr.rl[k]];
+    const int row = sm.rt.row[thread_row(k)];
     if (row < 0) continue;
     const float inv = empty[k] ? (f.uniform && p.Lk > 0 ? f.inv_keep / float(p.Lk) : 0.f) : f.inv_keep / l_run[k];
 #pragma unroll
