@@ -104,15 +104,14 @@ struct DqSmem {
 template <typename T, int D>
 __device__ __forceinline__ void band_times_r(float (&acc)[D / 8][4], const T* sdb, const T* sR, int kb_lo, int kb_hi) {
   using C = Cfg<D>;
-  const int lane = threadIdx.x & 31;
+  const RowCol rc = ldsm_a_lane(threadIdx.x & 31);
   for (int kb = kb_lo; kb <= kb_hi; ++kb) {
     uint32_t a[4];
-    ldsm_x4(sdb + ((lane & 7) + 8 * ((lane >> 3) & 1)) * C::DB_STRIDE + kb * 16 + 8 * (lane >> 4), a[0], a[1], a[2],
-            a[3]);
+    ldsm_x4(sdb + rc.r * C::DB_STRIDE + kb * 16 + rc.c, a[0], a[1], a[2], a[3]);
 #pragma unroll
     for (int nd2 = 0; nd2 < D / 16; ++nd2) {
       uint32_t b0, b1, b2, b3;
-      ldsm_x4_t(sR + swz<D>(kb * 16 + (lane & 7) + 8 * ((lane >> 3) & 1), nd2 * 16 + 8 * (lane >> 4)), b0, b1, b2, b3);
+      ldsm_x4_t(sR + swz<D>(kb * 16 + rc.r, nd2 * 16 + rc.c), b0, b1, b2, b3);
       mma<T>(acc[2 * nd2], a, b0, b1);
       mma<T>(acc[2 * nd2 + 1], a, b2, b3);
     }
@@ -120,7 +119,7 @@ __device__ __forceinline__ void band_times_r(float (&acc)[D / 8][4], const T* sd
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) dq_kernel(AttentionParams p, AttentionBackward g, Workspace ws,
+__global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttentionParams p, AttentionBackward g, Workspace ws,
                                                       Features f, int n_mb, int maxc) {
   using C = Cfg<D>;
   extern __shared__ __align__(16) char smem_raw[];
@@ -322,16 +321,15 @@ struct DkvSmem {
 template <typename T, int D, int DW>
 __device__ __forceinline__ void mma_xt_y(float (&acc)[DW / 8][4], const T* x, const T* y, int kr0, int d0) {
   using C = Cfg<D>;
-  const int lane = threadIdx.x & 31, m = lane >> 3;
+  const RowCol at = ldsm_at_lane(threadIdx.x & 31), bl = ldsm_a_lane(threadIdx.x & 31);
 #pragma unroll
   for (int kb = 0; kb < kBM / 16; ++kb) {
     uint32_t a[4];
-    ldsm_x4_t(x + (kb * 16 + (lane & 7) + 8 * (m >> 1)) * C::P_STRIDE + kr0 + 8 * (m & 1), a[0], a[1], a[2], a[3]);
+    ldsm_x4_t(x + (kb * 16 + at.r) * C::P_STRIDE + kr0 + at.c, a[0], a[1], a[2], a[3]);
 #pragma unroll
     for (int nd2 = 0; nd2 < DW / 16; ++nd2) {
       uint32_t b0, b1, b2, b3;
-      ldsm_x4_t(y + swz<D>(kb * 16 + (lane & 7) + 8 * ((lane >> 3) & 1), d0 + nd2 * 16 + 8 * (lane >> 4)), b0, b1, b2,
-                b3);
+      ldsm_x4_t(y + swz<D>(kb * 16 + bl.r, d0 + nd2 * 16 + bl.c), b0, b1, b2, b3);
       mma<T>(acc[2 * nd2], a, b0, b1);
       mma<T>(acc[2 * nd2 + 1], a, b2, b3);
     }
@@ -339,7 +337,7 @@ __device__ __forceinline__ void mma_xt_y(float (&acc)[DW / 8][4], const T* x, co
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) dkdv_kernel(AttentionParams p, AttentionBackward g, Workspace ws,
+__global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(AttentionParams p, AttentionBackward g, Workspace ws,
                                                         Features f, int n_mb, int maxc) {
   using C = Cfg<D>;
   constexpr int kKeyWarps = C::BN / 16;           // warps along the key tile in the dk / dv products
@@ -477,7 +475,7 @@ struct DrSmem {
 };
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) dr_kernel(AttentionParams p, AttentionBackward g, Workspace ws,
+__global__ void __launch_bounds__(kThreads, 1) dr_kernel(AttentionParams p, AttentionBackward g, Workspace ws,
                                                       Features f, int n_mb, int maxc) {
   using C = Cfg<D>;
   constexpr int kUnits = (C::BAND / 16) * (D / 64) / kWarps;  // (16 band rows x 64 dims) blocks per warp
@@ -570,8 +568,8 @@ __global__ void __launch_bounds__(kThreads) dr_kernel(AttentionParams p, Attenti
 #pragma unroll
           for (int nd2 = 0; nd2 < 4; ++nd2) {
             uint32_t b0, b1, b2, b3;
-            ldsm_x4_t(sm.q + swz<D>(kb * 16 + (lane & 7) + 8 * ((lane >> 3) & 1), dh + nd2 * 16 + 8 * (lane >> 4)), b0,
-                      b1, b2, b3);
+            const RowCol bl = ldsm_a_lane(lane);
+            ldsm_x4_t(sm.q + swz<D>(kb * 16 + bl.r, dh + nd2 * 16 + bl.c), b0, b1, b2, b3);
             mma<T>(dr[i][2 * nd2], a, b0, b1);
             mma<T>(dr[i][2 * nd2 + 1], a, b2, b3);
           }

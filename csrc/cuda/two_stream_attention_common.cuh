@@ -202,9 +202,31 @@ __device__ __forceinline__ void cp_async_wait() {
 // [rows, D] half-precision tiles in shared memory: 16-byte chunks XOR-swizzled by row % 8, so the eight
 // row addresses of one ldmatrix (same column, consecutive rows) hit distinct banks.
 template <int D>
-__device__ __forceinline__ int swz(int row, int col) {
+PO_HD int swz(int row, int col) {
   return row * D + ((((col >> 3) ^ row) & 7) | ((col >> 3) & ~7)) * 8 + (col & 7);
 }
+
+// ---- fragment addressing: which element a lane addresses or holds (PO_HD for host checks) ----------
+// PTX layouts (g = lane / 4, t = lane % 4). mma m16n8k16: a0 (g, 2t..2t+1), a1 (g+8, ..), a2 (g, 2t+8..),
+// a3 (g+8, 2t+8..); b0 (k 2t..2t+1, n g), b1 (k 2t+8.., n g); c0,c1 (g, 2t..2t+1), c2,c3 (g+8, ..).
+// ldmatrix x4: lanes 8m..8m+7 address the rows of matrix m, register m of lane l gets (row l/4,
+// cols 2(l%4), +1) of matrix m; with .trans (rows 2(l%4), +1, col l/4).
+struct RowCol {
+  int r, c;
+};
+// A block (16 rows x k16) from [rows, k]; also B (k16 x two n8) from [k, n] with .trans.
+// Matrices: (0-7, 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15) as (row, col) of the stored tile.
+PO_HD RowCol ldsm_a_lane(int lane) { return {(lane & 7) + 8 * ((lane >> 3) & 1), 8 * (lane >> 4)}; }
+// B (k16 x two n8 blocks) from B^T stored [n, k]: matrices (n 0-7, k 0-7), (n 0-7, k 8-15),
+// (n 8-15, k 0-7), (n 8-15, k 8-15) -> b0, b1 of n block 0, b0, b1 of n block 1.
+PO_HD RowCol ldsm_bt_lane(int lane) { return {(lane & 7) + ((lane >> 4) << 3), ((lane >> 3) & 1) * 8}; }
+// B (k32 x one n8 block) from B^T stored [n, k]: matrices (n 0-7, k 0-7 / 8-15 / 16-23 / 24-31).
+PO_HD RowCol ldsm_bt_k32_lane(int lane) { return {lane & 7, 8 * (lane >> 3)}; }
+// A = X^T (16 x k16) from X stored [k, m] with .trans: matrices (k 0-7, m 0-7), (k 0-7, m 8-15),
+// (k 8-15, m 0-7), (k 8-15, m 8-15) -> a0, a1, a2, a3.
+PO_HD RowCol ldsm_at_lane(int lane) { return {(lane & 7) + 8 * ((lane >> 4) & 1), 8 * ((lane >> 3) & 1)}; }
+// Accumulator element e (0..3) of a lane in its 16 x 8 block.
+PO_HD RowCol acc_elem(int lane, int e) { return {(lane >> 2) + 8 * (e >> 1), 2 * (lane & 3) + (e & 1)}; }
 
 // Element (i, d) of a [dim0, rows, H, D] tensor, as a typed pointer.
 template <typename T>
@@ -412,24 +434,23 @@ __device__ __forceinline__ void thread_rows(const RowTable& rt, const RowSet& rs
 // A fragments of the warp's 16 rows of a swizzled [64, D] tile.
 template <typename T, int D>
 __device__ __forceinline__ void load_a_frags(const T* s, uint32_t (&a)[D / 16][4]) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int row = warp * 16 + (lane & 7) + 8 * ((lane >> 3) & 1);
+  const int warp = threadIdx.x >> 5;
+  const RowCol rc = ldsm_a_lane(threadIdx.x & 31);
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk)
-    ldsm_x4(s + swz<D>(row, kk * 16 + 8 * (lane >> 4)), a[kk][0], a[kk][1], a[kk][2], a[kk][3]);
+    ldsm_x4(s + swz<D>(warp * 16 + rc.r, kk * 16 + rc.c), a[kk][0], a[kk][1], a[kk][2], a[kk][3]);
 }
 
 // acc[nb] (16 rows x BN keys) += A (16 x D) * B^T where B is a swizzled [keys, D] tile (K or V).
 template <typename T, int D, int NB>
 __device__ __forceinline__ void mma_abt(float (&acc)[NB][4], const uint32_t (&a)[D / 16][4], const T* sB) {
-  const int lane = threadIdx.x & 31;
+  const RowCol rc = ldsm_bt_lane(threadIdx.x & 31);
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk)
 #pragma unroll
     for (int nb2 = 0; nb2 < NB / 2; ++nb2) {
       uint32_t b0, b1, b2, b3;
-      const int n = nb2 * 16 + (lane & 7) + ((lane >> 4) << 3);
-      ldsm_x4(sB + swz<D>(n, kk * 16 + ((lane >> 3) & 1) * 8), b0, b1, b2, b3);
+      ldsm_x4(sB + swz<D>(nb2 * 16 + rc.r, kk * 16 + rc.c), b0, b1, b2, b3);
       mma<T>(acc[2 * nb2], a[kk], b0, b1);
       mma<T>(acc[2 * nb2 + 1], a[kk], b2, b3);
     }
@@ -438,14 +459,13 @@ __device__ __forceinline__ void mma_abt(float (&acc)[NB][4], const uint32_t (&a)
 // acc (16 rows x D) += P (16 x K, as A fragments of k16 blocks) * B where B is a swizzled [K, D] tile.
 template <typename T, int D, int KB>
 __device__ __forceinline__ void mma_ab(float (&acc)[D / 8][4], const uint32_t (&pa)[KB][4], const T* sB) {
-  const int lane = threadIdx.x & 31;
+  const RowCol rc = ldsm_a_lane(threadIdx.x & 31);
 #pragma unroll
   for (int kb = 0; kb < KB; ++kb)
 #pragma unroll
     for (int nd2 = 0; nd2 < D / 16; ++nd2) {
       uint32_t b0, b1, b2, b3;
-      const int k = kb * 16 + (lane & 7) + 8 * ((lane >> 3) & 1);
-      ldsm_x4_t(sB + swz<D>(k, nd2 * 16 + 8 * (lane >> 4)), b0, b1, b2, b3);
+      ldsm_x4_t(sB + swz<D>(kb * 16 + rc.r, nd2 * 16 + rc.c), b0, b1, b2, b3);
       mma<T>(acc[2 * nd2], pa[kb], b0, b1);
       mma<T>(acc[2 * nd2 + 1], pa[kb], b2, b3);
     }
@@ -501,7 +521,8 @@ __device__ __forceinline__ void score_tile(const AttentionParams& p, const Featu
 #pragma unroll
       for (int kk2 = 0; kk2 < C::KD / 2; ++kk2) {
         uint32_t b0, b1, b2, b3;
-        ldsm_x4(sR + swz<D>(jb * 8 + (lane & 7), kk2 * 32 + 8 * (lane >> 3)), b0, b1, b2, b3);
+        const RowCol rc = ldsm_bt_k32_lane(lane);
+        ldsm_x4(sR + swz<D>(jb * 8 + rc.r, kk2 * 32 + rc.c), b0, b1, b2, b3);
         mma<T>(c4, qa[2 * kk2], b0, b1);
         mma<T>(c4, qa[2 * kk2 + 1], b2, b3);
       }
