@@ -305,6 +305,7 @@ const char* two_stream_attention_unsupported(const AttentionParams& p, int sm_ma
   if (sm_major < 8) return "compute capability below 8.0 (the cuda kernels need sm_80 tensor cores)";
   const int64_t kMax = int64_t(1) << 30;  // row and key indices are 32-bit inside the kernels
   if (p.Lq > kMax || p.Lk > kMax || p.P > kMax || p.R > kMax) return "sequence longer than 2^30";
+  if (p.B > 65535 || p.H > 65535) return "batch or head count above 65535 (grid dimensions)";
   return "";
 }
 
