@@ -14,7 +14,7 @@ from conftest import fused_backend_params
 from pyobjectives import BackendUnavailableError, backends, data
 from pyobjectives import nn as pnn
 from pyobjectives.electra import ElectraObjective
-from pyobjectives.integrations import patch_xlnet
+from pyobjectives.integrations import patch_t5, patch_xlnet
 
 BACKEND_PARAMS = [pytest.param("reference", id="reference")] + fused_backend_params()
 DROP = object()  # an argument left out of the call
@@ -292,6 +292,25 @@ def tiny_xlnet():
     return transformers.XLNetLMHeadModel(config)
 
 
+def tiny_t5(cls="T5EncoderModel"):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(vocab_size=11, d_model=8, d_kv=4, num_heads=2, num_layers=1, d_ff=8,
+                                   relative_attention_num_buckets=8, relative_attention_max_distance=12,
+                                   decoder_start_token_id=0)
+    return getattr(transformers, cls)(config)
+
+
+def tiny_longt5():
+    transformers = pytest.importorskip("transformers")
+    return transformers.LongT5Model(transformers.LongT5Config(vocab_size=11, d_model=8, d_kv=4, num_heads=2,
+                                                              num_layers=1, d_ff=8))
+
+
+def patched_t5_attention_with_dense_bias(backend):
+    attention = patch_t5(tiny_t5(), backend=backend).encoder.block[0].layer[0].SelfAttention
+    return attention(torch.randn(1, 3, 8), position_bias=torch.zeros(1, 2, 3, 3))
+
+
 MODULES = [
     Case("RTDLoss-reduction", "reduction", lambda be: pnn.RTDLoss(reduction="avg", backend=be), ValueError,
          r"reduction must be one of"),
@@ -344,6 +363,17 @@ MODULES = [
          ValueError, r"empty_rows must be one of"),
     Case("patch_xlnet-backend", "backend", lambda be: patch_xlnet(tiny_xlnet(), backend="gpu"), ValueError,
          r"backend must be one of"),
+    Case("patch_t5-not-a-module", "model", lambda be: patch_t5("t5-small", backend=be), ValueError,
+         r"patch_t5 expects a transformers T5 / mT5 / UMT5 model .*, got str"),
+    Case("patch_t5-no-t5", "model", lambda be: patch_t5(nn.Sequential(nn.Linear(2, 2)), backend=be), ValueError,
+         r"patch_t5 expects a transformers T5 .*; Sequential contains no such attention layer"),
+    Case("patch_t5-longt5", "model", lambda be: patch_t5(tiny_longt5(), backend=be), ValueError,
+         r"patch_t5: unsupported T5 variant: .*LongT5.*; expected a transformers T5 / mT5 / UMT5 model"),
+    Case("patch_t5-backend", "backend", lambda be: patch_t5(tiny_t5(), backend="gpu"), ValueError,
+         r"backend must be one of"),
+    Case("patch_t5-dense-position_bias", "position_bias", patched_t5_attention_with_dense_bias, ValueError,
+         r"patch_t5: the patched T5 attention computes the position bias in-kernel and does not take a dense "
+         r"position_bias"),
 ]
 
 
@@ -536,7 +566,7 @@ def test_case_table_size():
     """The issue asks for at least 50 cases per backend."""
     assert len({c.id for c in ATTENTION}) == len(ATTENTION) and len(CASES) >= 50
     print(f"\n{len(CASES)} cases per backend ({len(ATTENTION)} attention, {len(RTD)} rtd_loss, {len(LCE)} "
-          f"linear_cross_entropy, {len(MODULES)} nn / patch_xlnet, {len(ELECTRA)} ElectraObjective) "
+          f"linear_cross_entropy, {len(MODULES)} nn / patch_xlnet / patch_t5, {len(ELECTRA)} ElectraObjective) "
           f"+ {len(DATA)} data-utility cases")
 
 
