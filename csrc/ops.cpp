@@ -321,6 +321,7 @@ po::RTDParams rtd_params(const Tensor& x, const OptTensor& head_weight, const Op
   p.x = xc.data_ptr();
   if (head) {
     p.Dd = x.size(-1);
+    TORCH_CHECK(p.Dd >= 1, "logits_or_hidden must be hidden states [*, Dd] with Dd >= 1, got shape ", x.sizes());
     CHECK_SHAPE(*head_weight, p.Dd);
     p.head_weight = keep.emplace_back(f32c(*head_weight)).data_ptr<float>();
     if (head_bias.has_value()) {
@@ -471,7 +472,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_
   p.row_loss = row_loss.data_ptr<float>(), p.lse = lse.data_ptr<float>();
   p.sampled = sample ? sampled.data_ptr<int64_t>() : nullptr;
   p.argmax = want_argmax ? argmax.data_ptr<int64_t>() : nullptr;
-  const Tensor kept = (targets != ignore_index);
+  // An unchecked out-of-range target (value checks are off on accelerators) counts as ignored, as in the kernel.
+  const Tensor kept = (targets != ignore_index) & (targets >= 0) & (targets < p.V);
   const Tensor n_kept = kept.sum().to(at::kDouble);
   Tensor d_hidden = at::empty({0}, f32), d_weight = at::empty({0}, f32), d_bias = at::empty({0}, f32);
   if (compute_grad) {

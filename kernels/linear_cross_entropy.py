@@ -330,7 +330,8 @@ def _lce_fwd(hidden, weight, bias, targets, ignore_index, reduction, sample, tem
     dev, dt = hidden.device, hidden.dtype
     acc, dot_dt, prec = _dtypes(dt)
     interp = _interpreting()
-    keep = targets != ignore_index
+    # an unchecked out-of-range target (no value checks on accelerators) is ignored, as on every backend
+    keep = (targets != ignore_index) & (targets >= 0) & (targets < V)
     # kept rows first, in order; their count stays on the device (no host synchronisation)
     order = torch.argsort((~keep).to(torch.int8), stable=True).to(torch.int32)
     n_keep = keep.sum().to(torch.int32).reshape(1)

@@ -817,6 +817,12 @@ def _strides(t, n):
 _chunk_cache: tuple = (None, -1, None, None)
 
 
+def _padding_rows(target_pos, Lq):
+    """Query rows outside every chunk: -1 marks padding, and a position outside ``[0, Lq)`` (not value-checked
+    on accelerators) is treated alike, so that no kernel indexes with it."""
+    return (target_pos < 0) | (target_pos >= Lq)
+
+
 def _query_chunks(target_pos, Lq, BM, BQ):
     """Sort query rows by position and cut them into chunks of <= BQ rows inside one BM position block.
 
@@ -832,7 +838,7 @@ def _query_chunks(target_pos, Lq, BM, BQ):
     B, P = target_pos.shape
     dev = target_pos.device
     tp = target_pos.to(torch.int64)
-    valid = tp >= 0
+    valid = ~_padding_rows(tp, Lq)
     order = torch.sort(torch.where(valid, tp, torch.iinfo(torch.int64).max), dim=1, stable=True).indices
     n_mb = triton.cdiv(Lq, BM)
     # rows per (batch, position block), then chunks of BQ rows per block, in (batch, block) order
@@ -1027,8 +1033,8 @@ def _attention_fwd(*args):
         *launch.common, **launch.consts(),
     )
     if q_g is not None:
-        # padding rows (target_pos = -1) belong to no chunk
-        out_g.masked_fill_((target_pos < 0)[:, :, None, None], 0.0)
+        # padding rows belong to no chunk
+        out_g.masked_fill_(_padding_rows(target_pos, Lq)[:, :, None, None], 0.0)
     return out_h, out_g, lse_h, lse_g, launch.sorted_rows, launch.chunks[: launch.n_chunks], launch.chunk_ptr
 
 
@@ -1145,7 +1151,7 @@ def _attention_bwd(do_h, do_g, out_h, out_g, lse_h, lse_g, sorted_rows, chunks, 
         dr = (dr.sum(0) if r.dim() == 3 else dr).to(r.dtype)
 
     if q_g is not None:
-        dq_g.masked_fill_((aux["target_pos"] < 0)[:, :, None, None], 0.0)
+        dq_g.masked_fill_(_padding_rows(aux["target_pos"], Lq)[:, :, None, None], 0.0)
     sums = bias_part.sum(0)[..., :D]  # [H, 2, D]
     d_rw = sums[:, 0].to(r_w_bias.dtype) if r_w_bias is not None else None
     d_rr = sums[:, 1].to(r_r_bias.dtype) if r_r_bias is not None else None
@@ -1157,7 +1163,7 @@ def _attention_bwd(do_h, do_g, out_h, out_g, lse_h, lse_g, sorted_rows, chunks, 
         d_se = torch.einsum("bhis,bihd->shd", de_h, qs_h)
         tot = de_h.sum((0, 2))
         if q_g is not None:
-            valid = (aux["target_pos"] >= 0)[:, None, :, None]
+            valid = (~_padding_rows(aux["target_pos"], Lq))[:, None, :, None]
             de_g_valid = de_g[:, :, : launch.P] * valid
             d_se = d_se + torch.einsum("bhis,bihd->shd", de_g_valid, q_g.float() + r_s_bias.float())
             tot = tot + de_g_valid.sum((0, 2))
@@ -1167,7 +1173,9 @@ def _attention_bwd(do_h, do_g, out_h, out_g, lse_h, lse_g, sorted_rows, chunks, 
     if t5_bias is not None:
         dt_rows, first_t = _combine_bands(dt_part[..., None], launch.BM, launch.n_mb, Lq)
         d_rel = _rows_window(dt_rows, first_t, 1, Lq + Lk)[..., 0].sum(0)  # [H, Lq + Lk - 1], index t - 1
-        one_hot = torch.nn.functional.one_hot(aux["t5_bucket"], cfg["t5_num_buckets"]).float()
+        # by comparison: F.one_hot checks its values on the host (a sync on CUDA)
+        buckets = torch.arange(cfg["t5_num_buckets"], device=dev)
+        one_hot = (aux["t5_bucket"][:, None] == buckets).float()
         d_t5 = (one_hot.t() @ d_rel.t()).to(t5_bias.dtype)
     empty = q.new_empty(0)
     return [empty if g is None else g for g in (dq, dk, dv, dr, d_rw, d_rr, dq_g if q_g is not None else None,

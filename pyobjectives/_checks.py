@@ -8,6 +8,7 @@ shape, device, range or option, ``TypeError`` for a wrong type or dtype.
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
 import torch
@@ -64,15 +65,37 @@ def number(name: str, value, *, low=None, high=None, low_open=False, high_open=T
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
 
 
+DEBUG_ENV = "PYOBJECTIVES_DEBUG"
+
+
+def debug_mode() -> bool:
+    """``PYOBJECTIVES_DEBUG=1``: value checks on accelerator tensors too, at one host sync per check."""
+    return os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+
+
+def reads_are_free(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s values on the host costs no device synchronisation (its data is host memory)."""
+    return t.device.type == "cpu"
+
+
 def values_checkable(t: torch.Tensor) -> bool:
-    """Whether reading values back to the host is allowed now (not while tracing or graph-capturing)."""
-    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
-    capturing = t.is_cuda and torch.cuda.is_current_stream_capturing()
-    return not (compiling or capturing)
+    """Whether a value-range check may read ``t`` back to the host now.
+
+    Always for CPU tensors; for accelerator tensors only in debug mode, because each read waits for the
+    device queue to drain (a sync per layer per step). Never while tracing or graph-capturing. Unchecked
+    values are safe: every kernel treats an out-of-range index as a padding / ignored row.
+    """
+    if torch.compiler.is_compiling() or t.device.type == "meta":
+        return False
+    if reads_are_free(t):
+        return True
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return debug_mode()
 
 
 def int_range(name: str, t: torch.Tensor | None, low: int, high: int, *, what: str = "", allow=None) -> None:
-    """Every element of ``t`` in ``[low, high)`` (or equal to ``allow``); one host sync, skipped when capturing."""
+    """Every element of ``t`` in ``[low, high)`` (or equal to ``allow``), when :func:`values_checkable`."""
     if t is None or t.numel() == 0 or not values_checkable(t):
         return
     ok = (t >= low) & (t < high)
@@ -82,6 +105,12 @@ def int_range(name: str, t: torch.Tensor | None, low: int, high: int, *, what: s
         bad = t[~ok][0].item()
         extra = f" or {allow}" if allow is not None else ""
         raise ValueError(f"{name} must be in [{low}, {high}){extra}{what}, got {bad}")
+
+
+def flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
 
 
 def both_or_neither(**named) -> None:

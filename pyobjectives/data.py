@@ -26,6 +26,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import _checks
+
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
 
@@ -140,10 +142,11 @@ def _check_bool_mask(name: str, mask, shape: torch.Size, device: torch.device) -
     if mask.dtype != torch.bool:
         if mask.dtype.is_floating_point or mask.dtype.is_complex:
             raise TypeError(f"{name} must have dtype bool or an integer dtype, got {mask.dtype}")
-        if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError(f"{name} must contain only 0 and 1")
     if mask.shape != shape:
         raise ValueError(f"{name} must have shape {tuple(shape)} like input_ids, got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool and mask.numel() and _checks.values_checkable(mask):
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"{name} must contain only 0 and 1")
     return mask.to(device=device, dtype=torch.bool)
 
 
@@ -733,8 +736,9 @@ def electra_mask(
         special_token_ids = list(special_token_ids)
         if not all(_is_int(t) for t in special_token_ids):
             raise TypeError(f"special_token_ids must contain only ints, got {special_token_ids!r}")
-        banned = torch.tensor(special_token_ids, dtype=input_ids.dtype, device=device)
-        candidates &= ~torch.isin(input_ids, banned)
+        # compared one by one: a tensor of the ids on the device would be a host-to-device copy per call
+        for token in special_token_ids:
+            candidates &= input_ids != token
 
     if style == "electra":
         # float32 on purpose: ELECTRA rounds a float32 product, and float64

@@ -115,6 +115,16 @@ class ElectraObjective(nn.Module):
         check.number("temperature", temperature, low=0.0, low_open=True)
         check.choice("masking", masking, ("electra", "bert"))
         check.choice("backend", backend, BACKEND_NAMES)
+        for name, m in (("generator", generator), ("discriminator", discriminator)):
+            if not isinstance(m, nn.Module):
+                raise TypeError(f"{name} must be a torch.nn.Module (an HF ELECTRA model or a module returning hidden "
+                                f"states), got {type(m).__name__}")
+        if max_predictions is not None:
+            check.number("max_predictions", max_predictions, low=1, high=None, integer=True)
+        if replace_with_mask is not None:
+            check.number("replace_with_mask", replace_with_mask, low=0.0, high=1.0, high_open=False)
+        check.flag("disallow_correct", disallow_correct)
+        check.flag("tie_embeddings", tie_embeddings)
         self.generator, self.discriminator = generator, discriminator
         self.gen_weight, self.disc_weight = float(gen_weight), float(disc_weight)
         self.mask_prob, self.temperature = float(mask_prob), float(temperature)
@@ -126,10 +136,14 @@ class ElectraObjective(nn.Module):
             mask_token_id = getattr(gen_cfg, "mask_token_id", None)
         if mask_token_id is None:
             raise ValueError("mask_token_id is required (the id of [MASK]; the generator's config has none)")
+        check.number("mask_token_id", mask_token_id, low=0, high=None, integer=True)
         self.mask_token_id = int(mask_token_id)
         if special_token_ids is None:
             special_token_ids = sorted({i for i in (getattr(gen_cfg, n, None) for n in (
                 "pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id")) if i is not None})
+        elif isinstance(special_token_ids, (str, bytes, torch.Tensor)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in special_token_ids):
+            raise TypeError(f"special_token_ids must be a sequence of ints, got {special_token_ids!r}")
         self.special_token_ids = [int(i) for i in special_token_ids]
 
         self._hf_gen = _is_hf_generator(generator)
@@ -173,6 +187,22 @@ class ElectraObjective(nn.Module):
         else:
             raise ValueError("a plain discriminator module needs disc_output (an nn.Linear(Dd, 1))")
         object.__setattr__(self, "_refs", refs)
+        self._check_heads()
+
+    def _check_heads(self) -> None:
+        weight, bias = self._gen_output()
+        name = "gen_output_weight" if "gen_output" not in self._refs else "generator.generator_lm_head.weight"
+        check.tensor(name, weight, [("V", None), ("E", None)], kind="float")
+        if weight.shape[0] == 0:
+            raise ValueError(f"{name} must have at least one row (V >= 1), got {tuple(weight.shape)}")
+        bias_name = "gen_output_bias" if "gen_output" not in self._refs else "generator.generator_lm_head.bias"
+        check.optional(bias_name, bias, [("V", weight.shape[0])], kind="float", device=weight.device)
+        out = self._piece("disc_output")
+        w = getattr(out, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[0] != 1:
+            got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(out).__name__
+            raise ValueError(f"disc_output must be a linear layer with one output (nn.Linear(Dd, 1), weight [1, Dd]), "
+                             f"got {got}")
 
     def _piece(self, name):
         return self._refs[name] if name in self._refs else getattr(self, name)
@@ -212,8 +242,6 @@ class ElectraObjective(nn.Module):
         weight, bias = self._gen_output()
         weight = weight.to(hidden.dtype)
         bias = None if bias is None else bias.to(hidden.dtype)
-        V = weight.shape[0]
-        check.int_range("input_ids", targets, 0, V, what=" (ids must index the generator's output embedding)")
         inputs = dict(hidden=hidden, weight=weight, targets=targets, bias=bias, ignore_index=-100,
                       reduction="mean", sample=True, temperature=self.temperature, seed=seed,
                       disallow=targets if self.disallow_correct else None)
@@ -239,11 +267,22 @@ class ElectraObjective(nn.Module):
         if seed is None:
             seed = draw_seed()
         check.number("seed", seed, low=0, high=SEED_RANGE, integer=True)
+        if rng is not None and not isinstance(rng, torch.Generator):
+            raise TypeError(f"rng must be a torch.Generator or None, got {type(rng).__name__}")
+        if isinstance(input_ids, torch.Tensor):
+            if rng is not None and rng.device.type != input_ids.device.type:
+                raise ValueError(f"rng must be on input_ids' device type {input_ids.device.type!r}, got a generator "
+                                 f"on {rng.device.type!r}")
+            if input_ids.dim() == 2:
+                check.optional("token_type_ids", token_type_ids, [("B", input_ids.shape[0]), ("L", input_ids.shape[1])],
+                               kind="int", device=input_ids.device)
         m = electra_mask(input_ids, mask_token_id=self.mask_token_id, special_tokens_mask=special_tokens_mask,
                          special_token_ids=self.special_token_ids, attention_mask=attention_mask,
                          mask_prob=self.mask_prob, max_predictions=self.max_predictions,
                          replace_with_mask=self.replace_with_mask, style=self.masking, generator=rng,
                          vocab_size=self._gen_output()[0].shape[0])
+        check.int_range("input_ids", input_ids, 0, self._gen_output()[0].shape[0],
+                        what=" (ids must index the generator's output embedding)")
         is_target = m.is_target
         targets = input_ids[is_target].long()
 
@@ -261,7 +300,8 @@ class ElectraObjective(nn.Module):
                                     head_bias=None if b_out is None else b_out.reshape(()).to(disc_hidden.dtype),
                                     return_stats=True, backend=self.backend)
         loss = self.gen_weight * gen_loss + self.disc_weight * disc_loss
-        n = torch.tensor(float(targets.numel()), device=input_ids.device)
+        # a fill, not torch.tensor(..., device=): a host-to-device copy would wait for the device
+        n = torch.full((), float(targets.numel()), device=input_ids.device)
         with torch.no_grad():
             stats = {
                 "gen_accuracy": (argmax == targets).sum().float() / n.clamp(min=1),

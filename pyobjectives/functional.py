@@ -8,6 +8,8 @@ from . import _checks as check
 from .backends import BACKEND_NAMES, resolve
 from .reference.philox import SEED_RANGE, draw_seed
 
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
 EMPTY_ROWS = ("zero", "uniform")
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -100,16 +102,16 @@ def two_stream_attention(q, k, v, r=None, r_w_bias=None, r_r_bias=None, *, q_g=N
     """
     x = check.tensor("q", q, [("B", None), ("Lq", None), ("H", None), ("D", None)], kind="float")
     B, Lq, H, D = x.shape
+    if D == 0:
+        raise ValueError(f"q must have a head dimension D >= 1, got shape {tuple(x.shape)}")
     dev, dt = x.device, x.dtype
     floats = dict(kind="float", device=dev, dtype=dt)
     ints = dict(kind="int", device=dev)
     bools = dict(kind="bool", device=dev)
     check.tensor("k", k, [("B", B), ("Lk", None), ("H", H), ("D", D)], **floats)
     Lk = k.shape[1]
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {causal!r}")
-    if not isinstance(content_sees_self, bool):
-        raise TypeError(f"content_sees_self must be a bool, got {content_sees_self!r}")
+    check.flag("causal", causal)
+    check.flag("content_sees_self", content_sees_self)
     if Lk < Lq:
         positional = [name for name, on in (("r", r is not None), ("t5_bias", t5_bias is not None),
                                             ("causal=True", causal), ("content_sees_self=True", content_sees_self))
@@ -146,6 +148,10 @@ def two_stream_attention(q, k, v, r=None, r_w_bias=None, r_r_bias=None, *, q_g=N
     check.both_or_neither(q_rank=q_rank, k_rank=k_rank)
     check.optional("q_rank", q_rank, [("B", B), ("Lq", Lq)], **ints)
     check.optional("k_rank", k_rank, [("B", B), ("Lk", Lk)], **ints)
+    for name, rank in (("q_rank", q_rank), ("k_rank", k_rank)):
+        if rank is not None and rank.dtype in (torch.int64, torch.uint64, torch.uint32):
+            check.int_range(name, rank, INT32_MIN, INT32_MAX + 1,
+                            what=" (ranks are compared as int32; give -2**31 for always visible keys)")
     check.optional("attn_mask", attn_mask, [("B", B), ("Lq", Lq), ("Lk", Lk)], **bools)
     check.optional("key_padding_mask", key_padding_mask, [("B", B), ("Lk", Lk)], **bools)
 
@@ -166,6 +172,7 @@ def two_stream_attention(q, k, v, r=None, r_w_bias=None, r_r_bias=None, *, q_g=N
         raise ValueError("r_s_bias / seg_embed were given without segment information (seg_q/seg_k or seg_diff)")
 
     if t5_bias is not None:
+        check.flag("t5_bidirectional", t5_bidirectional)
         check.number("t5_num_buckets", t5_num_buckets, low=4 if t5_bidirectional else 2, integer=True)
         exact = t5_num_buckets // (4 if t5_bidirectional else 2)
         check.number("t5_max_distance", t5_max_distance, low=exact, low_open=True, integer=True)
@@ -220,12 +227,24 @@ def rtd_loss(logits_or_hidden, corrupted_ids, original_ids, attention_mask=None,
             raise ValueError("logits_or_hidden must be [*, Dd] hidden states when head_weight is given")
         lead = tuple(x.shape[:-1])
         Dd = x.shape[-1]
+        if Dd == 0:
+            raise ValueError(f"logits_or_hidden must be hidden states [*, Dd] with Dd >= 1 when head_weight is "
+                             f"given, got shape {tuple(x.shape)}")
+        ids = corrupted_ids
+        if isinstance(ids, torch.Tensor) and x.shape == ids.shape:
+            raise ValueError(f"logits_or_hidden must have shape [*, Dd] (hidden states) when head_weight is given, "
+                             f"got {tuple(x.shape)}, the shape of corrupted_ids: logits need no head_weight")
         check.tensor("logits_or_hidden", x, [("*", s) for s in lead] + [("Dd", Dd)], kind="float")
         check.tensor("head_weight", head_weight, [("Dd", Dd)], kind="float", device=dev)
         check.optional("head_bias", head_bias, [], kind="float", device=dev)
     else:
         if head_bias is not None:
             raise ValueError("head_bias needs head_weight (the fused-head form)")
+        ids = corrupted_ids
+        if isinstance(ids, torch.Tensor) and x.dim() == ids.dim() + 1 and x.shape[:-1] == ids.shape:
+            raise ValueError(f"logits_or_hidden has shape {tuple(x.shape)}, one dimension more than corrupted_ids "
+                             f"{tuple(ids.shape)}: hidden states [*, Dd] need head_weight (the fused head) "
+                             f"[Dd] = [{x.shape[-1]}]; logits must have the shape of corrupted_ids")
         lead = tuple(x.shape)
         check.tensor("logits_or_hidden", x, [("*", s) for s in lead], kind="float")
     lead_dims = [("*", s) for s in lead]
@@ -233,6 +252,7 @@ def rtd_loss(logits_or_hidden, corrupted_ids, original_ids, attention_mask=None,
     check.tensor("original_ids", original_ids, lead_dims, kind="int", device=dev)
     check.optional("attention_mask", attention_mask, lead_dims, kind="any", device=dev)
     check.number("loss_weight", loss_weight)
+    check.flag("return_stats", return_stats)
     check.choice("reduction", reduction, REDUCTIONS)
     check.choice("backend", backend, BACKEND_NAMES)
     inputs = dict(logits_or_hidden=x, corrupted_ids=corrupted_ids, original_ids=original_ids,
@@ -278,6 +298,7 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-10
     check.choice("reduction", reduction, REDUCTIONS)
     check.number("temperature", temperature, low=0.0, low_open=True, high=None)
     check.optional("disallow", disallow, [("N", N)], kind="int", device=dev)
+    check.flag("sample", sample)
     if disallow is not None and not sample:
         raise ValueError("disallow only applies to sampling: pass sample=True")
     check.choice("backend", backend, BACKEND_NAMES)

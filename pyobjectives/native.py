@@ -233,7 +233,7 @@ def _lce_backward(ctx, grad_loss, _sampled, _argmax, _dh, _dw, _db):
     hidden, weight, bias, targets, d_hidden, d_weight, d_bias = ctx.saved_tensors
     if ctx.reduction == 0 or d_hidden.numel() != hidden.numel():
         # per-row output gradients (or no gradient formed in the forward): recompute the logits
-        kept = (targets != ctx.ignore_index).float()
+        kept = ((targets != ctx.ignore_index) & (targets >= 0) & (targets < weight.shape[0])).float()
         if ctx.reduction == 0:
             rows = grad_loss.float() * kept
         elif ctx.reduction == 1:

@@ -23,6 +23,9 @@ class RTDLoss(nn.Module):
 
     def __init__(self, loss_weight: float = 1.0, reduction: str = "mean", backend: str = "auto"):
         super().__init__()
+        check.number("loss_weight", loss_weight)
+        check.choice("reduction", reduction, F.REDUCTIONS)
+        check.choice("backend", backend, BACKEND_NAMES)
         self.loss_weight, self.reduction, self.backend = loss_weight, reduction, backend
 
     def forward(self, logits_or_hidden, corrupted_ids, original_ids, attention_mask=None, head_weight=None,
@@ -39,6 +42,9 @@ class LinearCrossEntropy(nn.Module):
 
     def __init__(self, ignore_index: int = -100, reduction: str = "mean", backend: str = "auto"):
         super().__init__()
+        check.number("ignore_index", ignore_index, integer=True)
+        check.choice("reduction", reduction, F.REDUCTIONS)
+        check.choice("backend", backend, BACKEND_NAMES)
         self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
 
     def forward(self, hidden, weight, targets, bias=None, sample=False, temperature=1.0, seed=None, disallow=None):
@@ -69,6 +75,11 @@ def target_positions(target_mapping: torch.Tensor) -> torch.Tensor | None:
         result = torch.where(row_sum > 0, tm.argmax(-1), torch.full_like(row_sum, -1, dtype=torch.long))
     _mapping_cache = (weakref.ref(target_mapping), target_mapping._version, result)
     return result
+
+
+#: What :meth:`TwoStreamRelativeAttention.from_hf` takes from an HF ``XLNetRelativeAttention``.
+_HF_ATTRIBUTES = ("n_head", "d_head", "d_model", "scale", "q", "k", "v", "o", "r", "r_r_bias", "r_s_bias", "r_w_bias",
+                  "seg_embed", "layer_norm", "dropout")
 
 
 def _dense_mask(hf_mask: torch.Tensor, batch: int) -> torch.Tensor:
@@ -110,6 +121,12 @@ class TwoStreamRelativeAttention(nn.Module):
                  dropout: float = 0.1, backend: str = "auto", empty_rows: str = "uniform"):
         super().__init__()
         _check_options(backend, empty_rows)
+        check.number("d_model", d_model, low=1, high=None, integer=True)
+        check.number("n_head", n_head, low=1, high=None, integer=True)
+        if d_head is not None:
+            check.number("d_head", d_head, low=1, high=None, integer=True)
+        check.number("layer_norm_eps", layer_norm_eps, low=0.0, low_open=True, high=None)
+        check.number("dropout", dropout, low=0.0, high=1.0)
         if d_head is None:
             if d_model % n_head:
                 raise ValueError(f"d_model ({d_model}) must be a multiple of n_head ({n_head}) when d_head is not given")
@@ -136,14 +153,37 @@ class TwoStreamRelativeAttention(nn.Module):
     def from_hf(cls, module: nn.Module, backend: str = "auto", empty_rows: str = "uniform"):
         """Wrap an HF ``XLNetRelativeAttention``, sharing (not copying) its parameters and submodules."""
         _check_options(backend, empty_rows)
+        missing = [a for a in _HF_ATTRIBUTES if not hasattr(module, a)]
+        if not isinstance(module, nn.Module) or missing:
+            raise TypeError(f"module must be a transformers XLNetRelativeAttention, got {type(module).__name__}"
+                            + (f" (without {', '.join(missing)})" if missing else ""))
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.n_head, new.d_head, new.d_model, new.scale = module.n_head, module.d_head, module.d_model, module.scale
-        for name in ("q", "k", "v", "o", "r", "r_r_bias", "r_s_bias", "r_w_bias", "seg_embed"):
+        for name in _HF_ATTRIBUTES[4:]:
             setattr(new, name, getattr(module, name))
-        new.layer_norm, new.dropout = module.layer_norm, module.dropout
         new.backend, new.empty_rows = backend, empty_rows
         return new
+
+    def _check_inputs(self, h, g, r, seg_mat, mems, target_mapping):
+        """HF's time-major layouts, named as in ``XLNetRelativeAttention.forward``."""
+        d = ("d_model", self.d_model)
+        check.tensor("h", h, [("Lq", None), ("B", None), d], kind="float")
+        Lq, B, _ = h.shape
+        on = dict(device=h.device)
+        check.optional("g", g, [("P", None), ("B", B), d], kind="float", **on)
+        M = 0
+        if mems is not None and mems.dim() > 1:
+            check.tensor("mems", mems, [("M", None), ("B", B), d], kind="float", **on)
+            M = mems.shape[0]
+        check.tensor("r", r, [("R", None), ("B or 1", None), d], kind="float", **on)
+        if r.shape[1] not in (1, B):
+            raise ValueError(f"r must have shape [R, B or 1, d_model] = [?, {B} or 1, {self.d_model}], "
+                             f"got {tuple(r.shape)}")
+        check.optional("seg_mat", seg_mat, [("Lq", Lq), ("Lk", M + Lq), ("B", B), ("2", 2)], kind="any", **on)
+        if g is not None:
+            check.optional("target_mapping", target_mapping, [("P", g.shape[0]), ("Lq", Lq), ("B", B)], kind="float",
+                           **on)
 
     def _project(self, x, weight):
         return torch.einsum("ibh,hnd->ibnd", x, weight)
@@ -154,6 +194,7 @@ class TwoStreamRelativeAttention(nn.Module):
 
     def forward(self, h, g, attn_mask_h, attn_mask_g, r, seg_mat, mems=None, target_mapping=None,
                 output_attentions=False):
+        self._check_inputs(h, g, r, seg_mat, mems, target_mapping)
         B = h.shape[1]
         cat = torch.cat([mems, h], dim=0) if mems is not None and mems.dim() > 1 else h
         k_head = self._project(cat, self.k).transpose(0, 1)

@@ -158,8 +158,9 @@ def two_stream_attention(q, k, v, r=None, r_w_bias=None, r_r_bias=None, *, q_g=N
     out_h, probs_h = _stream(q, content_pos, None, True, dropout_base=0, **shared)
     out_g = probs_g = None
     if q_g is not None:
-        row_valid = target_pos >= 0
-        out_g, probs_g = _stream(q_g, target_pos.clamp(min=0).long(), row_valid, False,
+        # -1 marks padding; an unchecked position outside [0, Lq) is padding too (never an index)
+        row_valid = (target_pos >= 0) & (target_pos < Lq)
+        out_g, probs_g = _stream(q_g, torch.where(row_valid, target_pos, 0).long(), row_valid, False,
                                  dropout_base=B * H * Lq * Lk, **shared)
         out_g = out_g.to(out_dtype)
     out_h = out_h.to(out_dtype)

@@ -92,7 +92,8 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-10
     logits = hidden @ weight.t()
     if bias is not None:
         logits = logits + bias
-    keep = targets != ignore_index
+    # an unchecked out-of-range target (no value checks on accelerators) is ignored, as on every backend
+    keep = (targets != ignore_index) & (targets >= 0) & (targets < logits.shape[1])
     safe_targets = torch.where(keep, targets, torch.zeros_like(targets)).long()
     target_logit = torch.gather(logits, 1, safe_targets[:, None])[:, 0]
     per_row = torch.where(keep, torch.logsumexp(logits, dim=1) - target_logit, torch.zeros_like(target_logit))
