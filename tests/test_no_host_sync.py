@@ -172,9 +172,9 @@ def test_ops_forward_and_backward_read_nothing_on_the_host(op, backend, as_on_cu
         leaves = run()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
     ours = [r for r in reads.ours if not (backend == "triton" and _known_triton_sync(r))]
+    # (The Triton ops are registered torch ops: a dispatch mode sees the op itself, not the aten calls inside
+    # its kernel, so the documented _query_chunks sync is not always visible here; Python-level reads are.)
     assert ours == [], f"host reads on the {backend} hot path: {ours}"
-    if backend == "triton" and op == "two_stream_attention":
-        assert any(_known_triton_sync(r) for r in reads.ours), "the documented _query_chunks sync moved"
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -255,10 +255,9 @@ def _xlnet_inputs(target_mapping):
 XLNET_CASES = [
     pytest.param(False, 0.0, id="content-stream-eval"),
     pytest.param(False, 0.1, id="content-stream-dropout"),
-    pytest.param(True, 0.1, id="two-stream-target_mapping", marks=pytest.mark.xfail(
-        strict=True, reason="pyobjectives.nn.target_positions decides whether target_mapping is one-hot with "
-                            "bool(checks.all()), a host read; being removed on branch rel-setups (issue 11, HF "
-                            "expectations (1))")),
+    # on an accelerator (values not checkable) the layer takes HF's scatter path instead of reading
+    # target_mapping to find its one-hot rows
+    pytest.param(True, 0.1, id="two-stream-target_mapping"),
 ]
 
 
