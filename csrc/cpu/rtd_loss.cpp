@@ -12,12 +12,14 @@
 namespace pyobjectives::cpu {
 namespace {
 
-// Loss, gradient and statistics of n tokens with logits z; real[i] = 1 for a real token. Sums are
-// float within a chunk (counts <= kRTDChunk are exact), double across chunks.
+// Loss, gradient and statistics of n tokens with logits z; real[i] = 1 for a real token. Counts are float
+// within a chunk (exact up to kRTDChunk); the loss and gradient sums are double, as in the Triton kernel:
+// with logits near 1e4 a float sum of a chunk's losses is off by several times torch's own sum.
 PO_VECTORIZED void rtd_tokens(int64_t n, const float* __restrict z, const int64_t* __restrict corrupted,
                               const int64_t* __restrict original, const float* __restrict real, float loss_weight,
                               float* __restrict grad, float* __restrict loss_tok, double* sums) {
-  float loss_sum = 0.f, grad_sum = 0.f, real_n = 0.f, correct = 0.f, tp = 0.f, predicted = 0.f, replaced = 0.f;
+  double loss_sum = 0.0, grad_sum = 0.0;
+  float real_n = 0.f, correct = 0.f, tp = 0.f, predicted = 0.f, replaced = 0.f;
 #pragma omp simd reduction(+ : loss_sum, grad_sum, real_n, correct, tp, predicted, replaced)
   for (int64_t i = 0; i < n; ++i) {
     const float x = z[i];
@@ -27,8 +29,9 @@ PO_VECTORIZED void rtd_tokens(int64_t n, const float* __restrict z, const int64_
     const float softplus = (x > 0.f ? x : 0.f) + fast_log(1.f + u);
     const float sigmoid = (x >= 0.f ? 1.f : u) / (1.f + u);
     const float pred = x > 0.f ? 1.f : 0.f;
-    const float loss = m * (softplus - y * x);
-    const float g = m * (sigmoid - y);
+    // selects, not m * (...): a padding token's NaN logit must not reach the loss
+    const float loss = m != 0.f ? softplus - y * x : 0.f;
+    const float g = m != 0.f ? sigmoid - y : 0.f;
     loss_sum += loss;
     grad_sum += g;
     real_n += m;
