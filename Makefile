@@ -1,6 +1,7 @@
 # make test   - venv (unless one is active), torch if missing, the package with [test], pytest
 # make bench  - the main job: every op on every available backend against the float64 reference
-#               (python -m pyobjectives compare), then the benchmark suite (python -m benchmarks.run;
+#               (python -m pyobjectives compare), then the benchmark suite (python -m benchmarks.run: the
+#               pytest-benchmark tests in benchmarks/, their JSON and the report in benchmarks/results/;
 #               CPU: the CPU-meaningful subset, Triton checked under the interpreter, never timed)
 SHELL := /bin/bash
 PYTHON ?= python3
