@@ -58,6 +58,21 @@ def _logits_tile(acc, h_ptr, w_ptr, rows, r_ok, v, v_ok, E, s_hn, s_he, s_wv, s_
 
 
 @triton.jit
+def _running_argmax(best, idx, x, v):
+    """Merge tile ``x [rows, BLOCK_V]`` (ids ``v``) into a running ``(best, idx)`` as torch.argmax does: the
+    first maximum, and a NaN beats everything (tl.max's NaN handling differs between the GPU and the
+    interpreter, so NaN is found explicitly)."""
+    nan_idx = tl.min(tl.where(x != x, v[None, :], 2147483647), 1)
+    tile_nan = nan_idx < 2147483647
+    t_max = tl.max(x, 1)
+    t_idx = tl.min(tl.where(x == t_max[:, None], v[None, :], 2147483647), 1)
+    better = (best == best) & (tile_nan | (t_max > best))
+    best = tl.where(better, tl.where(tile_nan, float("nan"), t_max), best)
+    idx = tl.where(better, tl.where(tile_nan, nan_idx, t_idx), idx)
+    return best, idx
+
+
+@triton.jit
 def _lce_fwd_kernel(
     h_ptr, w_ptr, b_ptr, tgt_ptr, order_ptr, nkeep_ptr, dis_ptr,
     lse_ptr, tgl_ptr, smax_ptr, sidx_ptr, amax_ptr, aidx_ptr,
@@ -118,19 +133,12 @@ def _lce_fwd_kernel(
             if HAS_DIS:
                 score = tl.where(v[None, :].to(tl.int64) == dis[:, None], float("-inf"), score)
             score = tl.where(v_ok[None, :], score, float("-inf"))
-            t_max = tl.max(score, 1)
-            t_idx = tl.min(tl.where(score == t_max[:, None], v[None, :], 2147483647), 1)
-            better = t_max > s_best
-            s_best = tl.where(better, t_max, s_best)
-            s_idx = tl.where(better, t_idx, s_idx)
+            s_best, s_idx = _running_argmax(s_best, s_idx, score, v)
         if ARGMAX:
-            t_max = tl.max(zb, 1)
-            t_idx = tl.min(tl.where(zb == t_max[:, None], v[None, :], 2147483647), 1)
-            better = t_max > a_best
-            a_best = tl.where(better, t_max, a_best)
-            a_idx = tl.where(better, t_idx, a_idx)
+            a_best, a_idx = _running_argmax(a_best, a_idx, zb, v)
     out = pid_s * N + rows
-    has_sum = kept & (ssum > 0)
+    # ssum == 0: no finite logit; NaN (a NaN logit) must reach the loss, as in the reference
+    has_sum = kept & (ssum != 0)
     tl.store(lse_ptr + out, tl.where(has_sum, m + tl.log(tl.where(has_sum, ssum, 1.0)), 0.0), mask=r_ok)
     tl.store(tgl_ptr + out, tlogit, mask=r_ok)
     if SAMPLE:
@@ -177,7 +185,8 @@ def _lce_bwd_dh_kernel(
                          s_hn, s_he, s_wv, s_we, BLOCK_E, DOT_DT, PREC, ACC)
         if HAS_BIAS:
             z += tl.load(b_ptr + v, mask=v_ok, other=0).to(ACC)[None, :]
-        p = tl.where(v_ok[None, :], tl.exp(z - lse[:, None]), 0.0)
+        # ignored rows (coef 0, lse 0) select 0: exp(z) of their logits may overflow, and inf * 0 is NaN
+        p = tl.where(v_ok[None, :] & kept[:, None], tl.exp(z - lse[:, None]), 0.0)
         dz = (p - tl.where(v[None, :] == tgt[:, None], 1.0, 0.0)) * coef[:, None]
         wt = tl.load(w_ptr + v64[:, None] * s_wv + eo[None, :] * s_we, mask=v_ok[:, None] & eo_ok[None, :], other=0)
         acc = tl.dot(_cast(dz, IN_DT, INTERP).to(DOT_DT), wt.to(DOT_DT), acc, input_precision=PREC, out_dtype=ACC)

@@ -70,6 +70,15 @@ inline float fast_exp(float x) {
   return x != x ? x : out;  // NaN in, NaN out
 }
 
+// Index of the first NaN in x[0, n) other than x[skip], or -1. The vectorized max reductions drop NaN
+// (a NaN never compares greater); callers use this only for rows already known to hold a NaN (their
+// sum of exp is NaN) or whose max came out -inf, so ordinary rows never pay for the scan.
+inline int64_t first_nan(const float* x, int64_t n, int64_t skip = -1) {
+  for (int64_t i = 0; i < n; ++i)
+    if (x[i] != x[i] && i != skip) return i;
+  return -1;
+}
+
 // log(x) for x > 0 finite, about 2 ulp, branch-free (Cephes' logf polynomial).
 inline float fast_log(float x) {
   int32_t bits;

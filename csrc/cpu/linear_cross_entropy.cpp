@@ -125,7 +125,8 @@ void lce_impl(const LinearCEParams& p, const float* row_coef, float* d_hidden, f
         OnlineSoftmax softmax;
         for (int64_t v0 = 0; v0 < V; v0 += kNoiseBlock) {
           const int64_t len = std::min(kNoiseBlock, V - v0);
-          const float m = row_max(zr + v0, len);
+          float m = row_max(zr + v0, len);
+          if (m == kNegInf && first_nan(zr + v0, len) >= 0) m = NAN;  // row_max drops NaN
           softmax.merge(m, row_sum_exp(zr + v0, len, m));
         }
         const float mx = softmax.max;
@@ -134,12 +135,20 @@ void lce_impl(const LinearCEParams& p, const float* row_coef, float* d_hidden, f
         const bool kept = target != p.ignore_index && target >= 0 && target < V;
         p.row_loss[n] = kept ? lse - zr[target] : 0.f;
         p.lse[n] = lse;
-        if (p.want_argmax) p.argmax[n] = std::max_element(zr, zr + V) - zr;
+        // torch.argmax takes the first NaN: a row with a NaN logit (its lse is NaN) samples and
+        // argmaxes to its first NaN, whatever the noise; the disallowed id never wins.
+        const bool has_nan = lse != lse;
+        if (p.want_argmax) {
+          const int64_t nan_v = has_nan ? first_nan(zr, V) : -1;
+          p.argmax[n] = nan_v >= 0 ? nan_v : std::max_element(zr, zr + V) - zr;
+        }
         if (p.sample) {
-          // zmax / temperature bounds every z_v / temperature (division is monotone)
           const int64_t banned = p.disallow != nullptr ? p.disallow[n] : -1;
-          p.sampled[n] = gumbel_sample(zr, V, p.temperature, mx / p.temperature, key, uint64_t(n) * uint64_t(V),
-                                       banned);
+          const int64_t nan_v = has_nan ? first_nan(zr, V, banned) : -1;
+          // zmax / temperature bounds every z_v / temperature (division is monotone)
+          p.sampled[n] = nan_v >= 0 ? nan_v
+                                    : gumbel_sample(zr, V, p.temperature, mx / p.temperature, key,
+                                                    uint64_t(n) * uint64_t(V), banned);
         }
         if (grad) {
           const float coef = kept ? row_coef[n] : 0.f;

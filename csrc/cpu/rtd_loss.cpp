@@ -12,12 +12,16 @@
 namespace pyobjectives::cpu {
 namespace {
 
-// Loss, gradient and statistics of n tokens with logits z; real[i] = 1 for a real token. Sums are
-// float within a chunk (counts <= kRTDChunk are exact), double across chunks.
+constexpr int64_t kDwBlock = 64;
+
+// Loss, gradient and statistics of n tokens with logits z; real[i] = 1 for a real token. Counts are float
+// within a chunk (exact up to kRTDChunk); the loss and gradient sums are double, as in the Triton kernel:
+// with logits near 1e4 a float sum of a chunk's losses is off by several times torch's own sum.
 PO_VECTORIZED void rtd_tokens(int64_t n, const float* __restrict z, const int64_t* __restrict corrupted,
                               const int64_t* __restrict original, const float* __restrict real, float loss_weight,
                               float* __restrict grad, float* __restrict loss_tok, double* sums) {
-  float loss_sum = 0.f, grad_sum = 0.f, real_n = 0.f, correct = 0.f, tp = 0.f, predicted = 0.f, replaced = 0.f;
+  double loss_sum = 0.0, grad_sum = 0.0;
+  float real_n = 0.f, correct = 0.f, tp = 0.f, predicted = 0.f, replaced = 0.f;
 #pragma omp simd reduction(+ : loss_sum, grad_sum, real_n, correct, tp, predicted, replaced)
   for (int64_t i = 0; i < n; ++i) {
     const float x = z[i];
@@ -27,8 +31,9 @@ PO_VECTORIZED void rtd_tokens(int64_t n, const float* __restrict z, const int64_
     const float softplus = (x > 0.f ? x : 0.f) + fast_log(1.f + u);
     const float sigmoid = (x >= 0.f ? 1.f : u) / (1.f + u);
     const float pred = x > 0.f ? 1.f : 0.f;
-    const float loss = m * (softplus - y * x);
-    const float g = m * (sigmoid - y);
+    // selects, not m * (...): a padding token's NaN logit must not reach the loss
+    const float loss = m != 0.f ? softplus - y * x : 0.f;
+    const float g = m != 0.f ? sigmoid - y : 0.f;
     loss_sum += loss;
     grad_sum += g;
     real_n += m;
@@ -79,7 +84,8 @@ void rtd_impl(const RTDParams& p) {
   const T* x = static_cast<const T*>(p.x);
   at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> z(kRTDChunk), tok(kRTDChunk), grad_buf(kRTDChunk), real(kRTDChunk, 1.f);
-    std::vector<float> row(std::max<int64_t>(p.Dd, 1));
+    std::vector<float> row(std::max<int64_t>(p.Dd, 1)), block(std::max<int64_t>(p.Dd, 1));
+    std::vector<double> dw_sum(std::max<int64_t>(p.Dd, 1));
     for (int64_t c = begin; c < end; ++c) {
       const int64_t t0 = c * kRTDChunk, n = std::min(kRTDChunk, p.T - t0);
       for (int64_t i = 0; i < n; ++i) {
@@ -102,8 +108,10 @@ void rtd_impl(const RTDParams& p) {
       if (p.loss_tok != nullptr)
         for (int64_t i = 0; i < n; ++i) static_cast<T*>(p.loss_tok)[t0 + i] = from_float<T>(tok[i]);
       if (p.dw_partials != nullptr) {  // sum_t grad_t x_t for d head_weight
-        float* dw = p.dw_partials + c * p.Dd;
-        std::fill(dw, dw + p.Dd, 0.f);
+        // float sums of kDwBlock tokens, added up in double: a float running sum over a whole chunk
+        // drifts by several ulps (seen by the fuzzer at ~1000 tokens)
+        std::fill(block.begin(), block.end(), 0.f);
+        std::fill(dw_sum.begin(), dw_sum.end(), 0.0);
         for (int64_t i = 0; i < n; ++i) {
           const T* xr = x + (t0 + i) * p.Dd;
           const float* xf = reinterpret_cast<const float*>(xr);
@@ -111,8 +119,14 @@ void rtd_impl(const RTDParams& p) {
             for (int64_t d = 0; d < p.Dd; ++d) row[d] = to_float(xr[d]);
             xf = row.data();
           }
-          axpy(grad[i], xf, dw, p.Dd);
+          axpy(grad[i], xf, block.data(), p.Dd);
+          if ((i + 1) % kDwBlock == 0 || i + 1 == n) {
+            for (int64_t d = 0; d < p.Dd; ++d) dw_sum[d] += block[d];
+            std::fill(block.begin(), block.end(), 0.f);
+          }
         }
+        float* dw = p.dw_partials + c * p.Dd;
+        for (int64_t d = 0; d < p.Dd; ++d) dw[d] = float(dw_sum[d]);
       }
     }
   });

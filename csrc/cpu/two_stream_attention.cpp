@@ -166,7 +166,8 @@ void segment_source(const AttentionParams& p, int64_t b, int64_t pos, RowTerms& 
   }
 }
 
-// s = scale * (ac + bd + ef) + t5, masked pairs -inf; returns the row max (-inf: no visible key).
+// s = scale * (ac + bd + ef) + t5, masked pairs -inf; returns the row max (-inf: no visible key; NaN:
+// every visible score is NaN).
 PO_VECTORIZED float finish_row(float* s, int64_t Lk, const RowTerms& t) {
   const float scale = t.scale;
   const float* bd = t.bd;
@@ -212,6 +213,12 @@ PO_VECTORIZED float finish_row(float* s, int64_t Lk, const RowTerms& t) {
   float mx = kNegInf;
 #pragma omp simd reduction(max : mx)
   for (int64_t j = 0; j < Lk; ++j) mx = s[j] > mx ? s[j] : mx;
+  // The max drops NaN: a row whose visible scores are all NaN would look empty (output 0). As in the
+  // reference, it is NaN; a NaN next to finite scores already makes the row's sum of exp NaN.
+  if (mx == kNegInf) {
+    const int64_t j = first_nan(s, Lk);
+    if (j >= 0) return s[j];
+  }
   return mx;
 }
 
@@ -385,26 +392,35 @@ void load_rows(const Strided4& t, const RowSet& set, int64_t b, int64_t h, int64
   }
 }
 
-// dS = P * (dP - delta) in g (dP arrives as dO V^T), the dropped probabilities P_d in s.
-// keep: dropout factors or nullptr; prob: nullptr = exp(s - lse), else the uniform 1 / Lk (HF's empty rows).
-PO_VECTORIZED void softmax_grad_row(float* s, float* g, int64_t Lk, float lse, float delta, const float* keep) {
+// dS = P * (dP - delta) in g (dP arrives as dO V^T), the dropped probabilities P_d in s; keep: dropout
+// factors or nullptr. The probabilities are those of the forward pass, bit for bit (same max, same sums),
+// not exp(s - lse): a float32 lse of scores near 1e4 is off by half an ulp of 1e4, 5e-4 relative in every
+// probability. delta = sum_j P_d g_j from the same probabilities (not dO . O from the rounded output), so
+// a one-hot row gets dS = 0 exactly, as autograd does.
+PO_VECTORIZED void softmax_grad_row(float* s, float* g, int64_t Lk, float mx, const float* keep) {
+  const float inv = 1.f / exp_row(s, Lk, mx);
+  scale_row(s, Lk, inv);
+  float delta = 0.f;
   if (keep == nullptr) {
-    for (int64_t j = 0; j < Lk; ++j) {
-      const float prob = fast_exp(s[j] - lse);
-      g[j] = prob * (g[j] - delta);
-      s[j] = prob;
-    }
+#pragma omp simd reduction(+ : delta)
+    for (int64_t j = 0; j < Lk; ++j) delta += s[j] * g[j];
+    for (int64_t j = 0; j < Lk; ++j) g[j] = s[j] * (g[j] - delta);
   } else {
+#pragma omp simd reduction(+ : delta)
+    for (int64_t j = 0; j < Lk; ++j) delta += s[j] * keep[j] * g[j];
     for (int64_t j = 0; j < Lk; ++j) {
-      const float prob = fast_exp(s[j] - lse);
-      g[j] = prob * (g[j] * keep[j] - delta);
-      s[j] = prob * keep[j];
+      g[j] = s[j] * (g[j] * keep[j] - delta);
+      s[j] *= keep[j];
     }
   }
 }
 
-PO_VECTORIZED void uniform_grad_row(float* s, float* g, int64_t Lk, float delta, const float* keep) {
+// HF's empty rows: the uniform 1 / Lk.
+PO_VECTORIZED void uniform_grad_row(float* s, float* g, int64_t Lk, const float* keep) {
   const float prob = 1.f / float(Lk);
+  float delta = 0.f;
+#pragma omp simd reduction(+ : delta)
+  for (int64_t j = 0; j < Lk; ++j) delta += prob * (keep == nullptr ? 1.f : keep[j]) * g[j];
   for (int64_t j = 0; j < Lk; ++j) {
     const float k = keep == nullptr ? 1.f : keep[j];
     g[j] = prob * (g[j] * k - delta);
@@ -450,25 +466,15 @@ template <typename T>
 void backward_rows(const AttentionParams& p, const AttentionBackward& g, const RowSet& set, int64_t b, int64_t h,
                    const HeadOperands& op, const HeadGrads& hg, PhiloxKey key, Scratch& sc) {
   const int64_t n = set.count, Lk = p.Lk, D = p.D;
-  const int64_t bh = b * p.H + h;
   scores<T>(p, set, b, h, op, sc);
-  // dO and O rows
   sc.o.resize(n * D);
   sc.dqw.resize(kBlockRows * D);
   float* dO = sc.o.data();
   load_rows<T>(set.content ? g.do_h : g.do_g, set, b, h, D, dO);
-  load_rows<T>(set.content ? g.out_h : g.out_g, set, b, h, D, sc.dqw.data());
-  float delta[kBlockRows];
-  for (int64_t i = 0; i < n; ++i) {
-    float acc = 0.f;
-    for (int64_t d = 0; d < D; ++d) acc += dO[i * D + d] * sc.dqw[i * D + d];
-    delta[i] = acc;
-  }
   sc.g.resize(std::max<int64_t>(n * Lk, 1));
   float* G = sc.g.data();
   float* S = sc.s.data();
   gemm(false, true, n, Lk, D, 1.f, dO, D, op.v.p, op.v.ld, 0.f, G, Lk);
-  const float* lse = set.content ? g.lse_h + bh * p.Lq : g.lse_g + bh * p.P;
   const bool dropout = p.dropout_p > 0.f;
   for (int64_t i = 0; i < n; ++i) {
     float* s = S + i * Lk;
@@ -479,9 +485,9 @@ void backward_rows(const AttentionParams& p, const AttentionBackward& g, const R
       keep = sc.keep.data();
     }
     if (!sc.empty[i]) {
-      softmax_grad_row(s, gi, Lk, lse[set.row[i]], delta[i], keep);
+      softmax_grad_row(s, gi, Lk, sc.row_max[i], keep);
     } else if (p.empty_uniform) {
-      uniform_grad_row(s, gi, Lk, delta[i], keep);
+      uniform_grad_row(s, gi, Lk, keep);
     } else {
       std::fill(s, s + Lk, 0.f);
       std::fill(gi, gi + Lk, 0.f);

@@ -110,18 +110,22 @@ def _stream(qx, pos, row_valid, is_content, *, k, v, r, r_w_bias, r_r_bias, Lq, 
     probs = expd / torch.where(has_visible, denom, torch.ones_like(denom))
     if empty_rows == "uniform":
         # HF subtracts 1e30 from masked scores: the value becomes uniform, but autograd still
-        # differentiates the softmax (at the uniform point). softmax(s - s.detach()) is exactly that.
-        probs = torch.where(has_visible, probs, torch.softmax(score - score.detach(), dim=-1))
+        # differentiates the softmax (at the uniform point). softmax(s - s.detach()) is exactly that;
+        # nan_to_num keeps a NaN in a masked score out of the value, as for rows with visible keys.
+        probs = torch.where(has_visible, probs, torch.softmax(torch.nan_to_num(score - score.detach()), dim=-1))
 
     if dropout_p > 0.0:
         keep = philox_uniform(seed, _dropout_offsets(B, H, rows, Lk, dropout_base, dev)) >= dropout_p
-        probs_used = torch.where(keep, probs / (1.0 - dropout_p), torch.zeros_like(probs))
+        # Dropped entries are probs * 0 (not 0): a NaN row stays NaN even when dropout drops all of
+        # it, as with torch.nn.functional.dropout.
+        probs_used = torch.where(keep, probs / (1.0 - dropout_p), probs * 0.0)
     else:
         probs_used = probs
 
     out = torch.einsum("bhij,bjhd->bihd", probs_used, v)
     if row_valid is not None:
-        out = out * row_valid[:, :, None, None].to(out.dtype)
+        # A padding row (target_pos = -1) is exactly 0, even where NaN inputs make its attention NaN.
+        out = torch.where(row_valid[:, :, None, None], out, torch.zeros_like(out))
     return out, (probs if return_probs else None)
 
 

@@ -13,10 +13,15 @@ from .philox import philox_uniform
 
 
 def _reduce(per_item: torch.Tensor, weight: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Weighted mean / sum / none; the mean of nothing is 0.0, with no host synchronisation."""
+    """Weighted mean / sum / none; the mean of nothing is 0.0, with no host synchronisation.
+
+    Items of weight 0 (padding, ignored rows) contribute exactly 0, even when they are NaN: they are
+    not part of the loss (HF drops them before the loss).
+    """
+    weighted = torch.where(weight != 0, per_item * weight, torch.zeros_like(per_item))
     if reduction == "none":
-        return per_item * weight
-    total = (per_item * weight).sum()
+        return weighted
+    total = weighted.sum()
     if reduction == "sum":
         return total
     return total / weight.sum().clamp(min=1)

@@ -95,9 +95,10 @@ struct OnlineSoftmax {
   float max = -INFINITY;
   float sum = 0.f;
   // Merge a block whose own max is block_max and sum of exp(x - block_max) is block_sum.
+  // A NaN block max (a block of NaN scores) makes max, sum and the logsumexp NaN, as torch's.
   PO_HD void merge(float block_max, float block_sum) {
     if (block_max == -INFINITY) return;
-    if (block_max > max) {
+    if (block_max > max || block_max != block_max) {
       sum = sum * expf(max - block_max) + block_sum;
       max = block_max;
     } else {
