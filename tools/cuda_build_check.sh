@@ -40,12 +40,13 @@ so=$(ls "$OUT_DIR"/lib/pyobjectives/_C*.so 2>/dev/null | head -n 1)
 [ -n "$so" ] || { echo "cuda-build-check FAILED: no extension was built (see the compiler output above)"; exit 1; }
 echo "built $so in $(( $(date +%s) - start )) s"
 
-echo "--- linked CUDA libraries (ldd)"
+echo "--- linked CUDA libraries (ldd; torch's own libraries are found once torch is imported)"
 ldd "$so" | grep -E "cudart|c10_cuda|torch_cuda" || { echo "cuda-build-check FAILED: not linked against CUDA"; exit 1; }
 echo "--- CUDA launchers defined in the extension (nm -D)"
-nm -D --defined-only -C "$so" | grep -E "pyobjectives::cuda::" | sed 's/^[0-9a-f]* T /  /'
+symbols=$(nm -D --defined-only -C "$so")
+grep -E "pyobjectives::cuda::" <<<"$symbols" | sed 's/^[0-9a-f]* T /  /'
 for sym in rtd_loss_forward rtd_loss_head_backward linear_cross_entropy_chunk philox_uniform t5_bucket; do
-  nm -D --defined-only -C "$so" | grep -q "pyobjectives::cuda::$sym(" \
+  grep -qF "pyobjectives::cuda::$sym(" <<<"$symbols" \
     || { echo "cuda-build-check FAILED: pyobjectives::cuda::$sym missing"; exit 1; }
 done
 echo "--- load the module (no GPU needed) and list the ops with a CUDA kernel"
