@@ -74,9 +74,12 @@ __global__ void __launch_bounds__(kRowThreads) lce_row_kernel(LinearCEParams p, 
                                                               const float* row_coef) {
   __shared__ float warp_max[kRowWarps], warp_sum_exp[kRowWarps];
   __shared__ Best warp_win[kRowWarps];
+  __shared__ float target_logit;
   const int64_t V = p.V, i = blockIdx.x, n = n0 + i;
   float* zr = z + i * V;
   const int tid = threadIdx.x;
+  const int64_t target = p.targets[n];
+  const bool kept = target != p.ignore_index && target >= 0 && target < V;
 
   // pass 1: running (max, sum of exp) and the first maximum of this thread's logits
   OnlineSoftmax sm;
@@ -85,6 +88,7 @@ __global__ void __launch_bounds__(kRowThreads) lce_row_kernel(LinearCEParams p, 
     const float x = logit<T>(zr, p.bias, v);
     sm.merge(x, 1.f);
     if (x > amax.score) amax = {x, v};
+    if (v == target) target_logit = x;  // read after the barrier below: pass 2 may overwrite the logits
   }
   sm = warp_softmax(sm);
   if (tid % 32 == 0) warp_max[tid / 32] = sm.max, warp_sum_exp[tid / 32] = sm.sum;
@@ -96,10 +100,8 @@ __global__ void __launch_bounds__(kRowThreads) lce_row_kernel(LinearCEParams p, 
     const Best win = block_best(amax, warp_win);
     if (tid == 0) p.argmax[n] = win.index < V ? win.index : 0;
   }
-  const int64_t target = p.targets[n];
-  const bool kept = target != p.ignore_index && target >= 0 && target < V;
   if (tid == 0) {
-    p.row_loss[n] = kept ? lse - logit<T>(zr, p.bias, target) : 0.f;
+    p.row_loss[n] = kept ? lse - target_logit : 0.f;
     p.lse[n] = lse;
   }
   if (!p.sample && row_coef == nullptr) return;
