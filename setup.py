@@ -7,7 +7,7 @@ Environment:
   FORCE_CUDA=1                    build the CUDA sources even where torch sees no GPU (needs nvcc / CUDA_HOME)
   PYOBJECTIVES_SKIP_CUDA_BUILD=1  build only the C++ (CPU) sources
   PYOBJECTIVES_SKIP_BUILD=1       build no extension at all (pure Python + Triton; `info` says why cpu is unavailable)
-  TORCH_CUDA_ARCH_LIST            CUDA architectures (default "8.0;9.0"), MAX_JOBS: honoured by torch.utils.cpp_extension
+  TORCH_CUDA_ARCH_LIST, MAX_JOBS  CUDA architectures (default "8.0;9.0"), parallel compile jobs
   CUTLASS_INCLUDE                 CUTLASS / CuTe headers for the attention kernels (default: the include folder of
                                   the pinned nvidia-cutlass wheel when it is installed, see CUTLASS_WHEEL)
 """

@@ -75,8 +75,8 @@ class Backend:
             self.probed = self.probe()
         return self.probed
 
-    def register(self, op: str, loader: Callable[[], Callable[..., Any]], not_supported_reasons: ReasonsFn | None = None,
-                 unavailable: Callable[[], Reasons] | None = None):
+    def register(self, op: str, loader: Callable[[], Callable[..., Any]],
+                 not_supported_reasons: ReasonsFn | None = None, unavailable: Callable[[], Reasons] | None = None):
         if op not in OPS:
             raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
         self.ops[op] = OpImpl(loader, not_supported_reasons or (lambda inputs: []), unavailable or (lambda: []))

@@ -1,7 +1,8 @@
 """The cuda backend: why it cannot run here (any machine), the self-check that guards dispatch (run on
 the cpu backend, so it is tested without a GPU), and, with a CUDA device, the CUDA ops themselves:
-opcheck, agreement with the cpu kernels and the reference, the shared header's bits on the device,
-and compute-sanitizer runs. Every GPU test skips with the backend's own reasons elsewhere."""
+agreement with the cpu kernels, the self-check on the device, the shared header's bits on the
+device, and compute-sanitizer runs (opcheck of the CUDA ops: test_native.py). Every GPU test skips
+with the backend's own reasons elsewhere."""
 
 import os
 import shutil
@@ -113,40 +114,6 @@ def test_self_check_while_tracing_uses_the_record(cpu_verified, monkeypatch):
 def cuda_and_cpu(fn):
     """fn(device) on cuda and on cpu (the cpu kernels define the semantics the CUDA ones mirror)."""
     return fn("cuda"), fn("cpu")
-
-
-@requires_cuda
-@pytest.mark.parametrize("reduction", [0, 1, 2], ids=["none", "mean", "sum"])
-@pytest.mark.parametrize("head", [False, True], ids=["logits", "head"])
-def test_opcheck_rtd_cuda(head, reduction):
-    lead, D = (3, 37), 24
-    dev = "cuda"
-    x = (torch.randn(*lead, D, device=dev) if head else torch.randn(*lead, device=dev)).requires_grad_()
-    w = torch.randn(D, device=dev, requires_grad=True) if head else None
-    b = torch.randn((), device=dev, requires_grad=True) if head else None
-    orig = torch.randint(0, 9, lead, device=dev)
-    corr = torch.where(torch.rand(lead, device=dev) < 0.4, torch.randint(0, 9, lead, device=dev), orig)
-    mask = torch.rand(lead, device=dev) > 0.2
-    torch.library.opcheck(torch.ops.pyobjectives.rtd_loss_fwd, (x, w, b, corr, orig, mask, 2.0, reduction, True, head))
-    torch.library.opcheck(torch.ops.pyobjectives.rtd_loss_head_bwd,
-                          (torch.randn(111, device=dev), torch.randn(1, device=dev), torch.randn(D, device=dev),
-                           torch.randn(*lead, D, device=dev)))
-
-
-@requires_cuda
-@pytest.mark.parametrize("reduction", [0, 1, 2], ids=["none", "mean", "sum"])
-def test_opcheck_linear_cross_entropy_cuda(reduction):
-    N, E, V = 11, 16, 523
-    dev = "cuda"
-    h = torch.randn(N, E, device=dev, requires_grad=True)
-    w = torch.randn(V, E, device=dev, requires_grad=True)
-    b = torch.randn(V, device=dev, requires_grad=True)
-    t = torch.randint(0, V, (N,), device=dev)
-    t[::4] = -100
-    torch.library.opcheck(torch.ops.pyobjectives.linear_cross_entropy_fwd,
-                          (h, w, b, t, -100, reduction, True, 0.7, 3, None, True, reduction != 0))
-    torch.library.opcheck(torch.ops.pyobjectives.linear_cross_entropy_bwd,
-                          (h, w, b, t, -100, torch.randn(N, device=dev)))
 
 
 @requires_cuda

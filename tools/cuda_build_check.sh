@@ -17,11 +17,12 @@ command -v "$NVCC" >/dev/null || { echo "cuda-build-check: no $NVCC on PATH"; ex
 [ -x "$VENV_CU/bin/python" ] || "${PYTHON:-python3}" -m venv "$VENV_CU"
 PY="$VENV_CU/bin/python"
 want=${CUDA_TORCH_SPEC#torch==}
-if ! "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$want' or torch.version.cuda is None)" 2>/dev/null; then
+if ! "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$want' or not torch.version.cuda)" \
+    2>/dev/null; then
   "$PY" -m pip install -q "$CUDA_TORCH_SPEC"
 fi
-"$PY" -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('cutlass_library', 'ninja', 'setuptools')))" 2>/dev/null \
-  || "$PY" -m pip install -q --no-deps "$CUTLASS_SPEC" ninja setuptools
+have='import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ("cutlass_library", "ninja", "setuptools")))'
+"$PY" -c "$have" 2>/dev/null || "$PY" -m pip install -q --no-deps "$CUTLASS_SPEC" ninja setuptools
 
 if [ -z "${CUDA_HOME:-}" ]; then  # nvcc on PATH may be a wrapper script: ask it where its toolkit is
   CUDA_HOME=$("$NVCC" --dryrun -c -x cu /dev/null 2>&1 | sed -n 's|^#\$ TOP=\(.*\)/bin/\.\.$|\1|p' | head -n 1)
