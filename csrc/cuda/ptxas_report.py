@@ -4,7 +4,8 @@
 
 Prints one row per kernel and architecture: registers, static shared memory, stack frame, spill
 stores / loads. Exits 1 on any compile error or any spill store (the `make cuda-check` gate).
-Object files go to a temporary folder; the nvcc flags are setup.py's (NVCC_FLAGS).
+Object files go to a temporary folder; the nvcc flags are those of the extension build (setup.py's
+NVCC_FLAGS and torch's defaults).
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FLAGS = ["-O3", "-std=c++17", "-lineinfo"]  # keep in step with setup.py's NVCC_FLAGS
+FLAGS = ["-O3", "-std=c++17", "-lineinfo",  # setup.py's NVCC_FLAGS
+         # what torch.utils.cpp_extension adds to every nvcc call of the extension build
+         "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+         "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
 
 ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+a?)'")
 STACK = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -101,7 +105,8 @@ def main(argv=None) -> int:
     includes = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
     if args.cutlass:
         includes.append(args.cutlass)
-    print(f"nvcc {' '.join(FLAGS)} -Xptxas -v, sm_{', sm_'.join(args.arch)}; CUTLASS: {args.cutlass or 'none found'}")
+    print(f"nvcc {' '.join(FLAGS[:3])} (+ torch's defines) -Xptxas -v, sm_{', sm_'.join(args.arch)}; "
+          f"CUTLASS: {args.cutlass or 'none found'}")
     failed, rows = [], []
     with tempfile.TemporaryDirectory() as out_dir, concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
         jobs = [pool.submit(compile_one, args.nvcc, f, a, includes, out_dir) for f in files for a in args.arch]
