@@ -89,10 +89,17 @@ def short_name(name: str) -> str:
     return name.replace("__nv_bfloat16", "bf16").replace("__half", "fp16")
 
 
+def arch_number(text: str) -> str:
+    if not re.fullmatch(r"\d{2,3}a?", text):
+        raise argparse.ArgumentTypeError(f"an architecture like 80 or 90a, got {text!r}")
+    return text
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="*", help="default: every csrc/cuda/*.cu")
-    ap.add_argument("--arch", nargs="+", default=["80", "90"])
+    ap.add_argument("--arch", nargs="+", default=["80", "90"], type=arch_number,
+                    help="compute capabilities without the dot (give files before --arch)")
     ap.add_argument("--cutlass", default=default_cutlass(), help="CUTLASS include folder (default: "
                     "CUTLASS_INCLUDE, else the installed nvidia-cutlass wheel's)")
     ap.add_argument("--nvcc", default=os.environ.get("NVCC", "nvcc"))
