@@ -1,6 +1,7 @@
 # make test   - venv (unless one is active), torch if missing, the package with [test], pytest
 # make bench  - the main job: every op on every available backend against the float64 reference
-#               (python -m pyobjectives compare), then the benchmark suite (python -m benchmarks.run;
+#               (python -m pyobjectives compare), then the benchmark suite (python -m benchmarks.run: the
+#               pytest-benchmark tests in benchmarks/, their JSON and the report in benchmarks/results/;
 #               CPU: the CPU-meaningful subset, Triton checked under the interpreter, never timed)
 # make cuda-check        - compile every csrc/cuda/*.cu for sm_80 and sm_90 with -Xptxas -v: registers /
 #                          shared memory / spills per kernel; fails on a compile error or a spill store (no GPU needed)

@@ -1,9 +1,12 @@
-"""Shared machinery: cases, providers, correctness checks, timing, memory, roofline, environment.
+"""Shared machinery: cases, providers, correctness checks, memory, roofline, environment facts.
+
+Timing, statistics, the JSON file and comparisons belong to pytest-benchmark (``benchmarks/conftest.py``
+feeds it); this module keeps what it does not do.
 
 Honesty rules implemented here (``benchmarks/README.md`` lists them):
 
 * every provider of a case gets the *same* input sets (built once per case);
-* warm-up calls are excluded from the timings;
+* warm-up calls are excluded from the timings (``benchmark.pedantic(warmup_rounds=...)``);
 * inputs are rotated over several sets when one set would sit in the cache,
   and on CUDA the L2 cache is flushed before every timed call;
 * inputs are random, never zeros;
@@ -15,15 +18,12 @@ Honesty rules implemented here (``benchmarks/README.md`` lists them):
 
 from __future__ import annotations
 
-import datetime as _dt
 import gc
 import math
 import os
 import platform
 import re
-import statistics
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -284,7 +284,7 @@ def synchronize(device: str) -> None:
 _FLUSH: dict = {}
 
 
-def _flush_l2() -> None:
+def flush_l2() -> None:
     """Overwrite a buffer larger than the L2 cache (what triton.testing.do_bench does between calls)."""
     buf = _FLUSH.get("buf")
     if buf is None:
@@ -293,49 +293,18 @@ def _flush_l2() -> None:
     buf.zero_()
 
 
-def measure_time(call: Callable[[int], Any], device: str, *, budget_s: float, min_reps: int, max_reps: int,
-                 warmup: int = 2) -> dict:
-    """Median and p20/p80 of the wall time of ``call(i)`` (rotating i), in milliseconds.
-
-    CUDA: device events around each call, L2 flushed before each call (as in
-    ``triton.testing.do_bench``). CPU: ``time.perf_counter`` (CPU ops are
-    synchronous; the call returns when its results exist). Warm-up calls are
-    excluded; the number of repetitions fits ``budget_s`` within [min_reps, max_reps].
-    """
-    for i in range(warmup):
-        call(i)
+def best_time_s(fn: Callable[[], Any], device: str, *, budget_s: float, min_reps: int, max_reps: int) -> float:
+    """Fastest of repeated ``fn()`` calls, in seconds (the roofline's ceilings; not a benchmark timing)."""
+    fn()
     synchronize(device)
-    t0 = time.perf_counter()
-    call(warmup)
-    synchronize(device)
-    estimate = max(time.perf_counter() - t0, 1e-6)
-    reps = int(max(min_reps, min(max_reps, budget_s / estimate)))
-    times = []
-    if device == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        for i, (start, end) in enumerate(events):
-            _flush_l2()
-            start.record()
-            call(warmup + 1 + i)
-            end.record()
-        torch.cuda.synchronize()
-        times = [s.elapsed_time(e) for s, e in events]
-    else:
-        for i in range(reps):
-            t0 = time.perf_counter()
-            call(warmup + 1 + i)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return dict(ms=statistics.median(times), p20=percentile(times, 20), p80=percentile(times, 80), reps=reps,
-                best=min(times))
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    if len(ordered) == 1:
-        return ordered[0]
-    pos = (len(ordered) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+    best, spent, reps = math.inf, 0.0, 0
+    while reps < min_reps or (reps < max_reps and spent < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        dt = time.perf_counter() - t0
+        best, spent, reps = min(best, dt), spent + dt, reps + 1
+    return best
 
 
 # --- memory ---------------------------------------------------------------------------------------
@@ -399,8 +368,8 @@ def measure_roofline(device: str, dtypes: Sequence[str], profile: str) -> dict:
         n_bytes = 16 << 20
     x = torch.randn(n_bytes // 4, device=device)
     y = torch.empty_like(x)
-    t = measure_time(lambda i: y.copy_(x), device, budget_s=0.3, min_reps=5, max_reps=50)
-    out["copy_GBps"] = 2 * n_bytes / (t["best"] * 1e-3) / 1e9
+    t = best_time_s(lambda: y.copy_(x), device, budget_s=0.3, min_reps=5, max_reps=50)
+    out["copy_GBps"] = 2 * n_bytes / t / 1e9
     out["copy_MB"] = n_bytes / 2**20
     del x, y
     n = {"tiny": 256, "cpu": 2048, "gpu": 8192}[profile]
@@ -411,8 +380,8 @@ def measure_roofline(device: str, dtypes: Sequence[str], profile: str) -> dict:
             continue
         a = torch.randn(n, n, device=device).to(dt)
         b = torch.randn(n, n, device=device).to(dt)
-        t = measure_time(lambda i: a @ b, device, budget_s=0.5, min_reps=3, max_reps=50)
-        out["matmul_TFLOPs"][name] = 2 * n**3 / (t["best"] * 1e-3) / 1e12
+        t = best_time_s(lambda: a @ b, device, budget_s=0.5, min_reps=3, max_reps=50)
+        out["matmul_TFLOPs"][name] = 2 * n**3 / t / 1e12
         del a, b
     return out
 
@@ -460,51 +429,34 @@ def cpu_model() -> str:
 
 
 def device_slug(device: str) -> str:
+    """``cpu-xeon-2c``, ``nvidia-h100-80gb-hbm3``: the device part of result file names."""
     if device == "cuda":
         text = torch.cuda.get_device_name()
     else:
-        text = f"cpu {cpu_model()} {os.cpu_count()}c"
+        model = re.sub(r"\((r|tm)\)|\bprocessor\b|\bintel\b|\bcpu\b|@.*$", " ", cpu_model().lower())
+        text = f"cpu {model} {os.cpu_count()}c"
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48]
 
 
 def environment(device: str, profile: str) -> dict:
+    """What pytest-benchmark's ``machine_info`` lacks: the device, library versions, profile and method."""
     import pyobjectives
     return {
         "device": device_name() if device == "cuda" else f"cpu: {cpu_model()}, {os.cpu_count()} cores",
         "device_type": device,
         "device_slug": device_slug(device),
-        "cpu_model": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": _version("triton"),
         "transformers": _version("transformers"),
-        "python": platform.python_version(),
         "pyobjectives": pyobjectives.__version__,
         "git_sha": git_sha(),
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "profile": profile,
         "triton_interpret": triton_interpreter_enabled(),
-        "argv": sys.argv[1:],
         "load_average_at_start": _load_average(),
         "memory_method": MEMORY_METHOD[device],
-        "timer": ("CUDA events per call, L2 flushed before each call" if device == "cuda"
+        "timer": ("time.perf_counter around each call followed by torch.cuda.synchronize(); the L2 cache flushed "
+                  "and the device synchronized in the untimed setup before each call" if device == "cuda"
                   else "time.perf_counter per call (CPU ops are synchronous)"),
     }
-
-
-class Progress:
-    """``[k/N] elapsed  what`` lines, flushed, so that long runs show where they are."""
-
-    def __init__(self, total: int, stream=None):
-        self.total, self.done, self.t0 = total, 0, time.perf_counter()
-        self.stream = stream or sys.stdout
-
-    def start(self, what: str) -> None:
-        self.done += 1
-        elapsed = time.perf_counter() - self.t0
-        left = self.total - self.done
-        print(f"[{self.done:>3}/{self.total}] {elapsed:6.1f}s  {what}  ({left} left)", file=self.stream, flush=True)
-
-    def note(self, text: str) -> None:
-        print(f"          {text}", file=self.stream, flush=True)

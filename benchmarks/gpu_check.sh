@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (no network): install, versions, GPU test subset, full benchmark suite.
+# One call on a lent GPU machine (no network): install, versions, GPU test subset, full benchmark suite
+# (pytest-benchmark tests under benchmarks/, through python -m benchmarks.run).
 #
 #   OUT=/folder/that/comes/back bash benchmarks/gpu_check.sh        (from the repository root)
 #
 # Writes at most 8 files under $OUT: gpu_check.log (everything printed), and the suite's
-# <device>_<date>.json / .csv / .md plus up to 4 PNGs. Sized for < 8 minutes on an H100.
+# <device>_<date>.json (pytest-benchmark's JSON) / .csv / .md plus up to 4 PNGs. Sized for < 8 minutes on an H100.
 # Environment (all optional):
 #   BENCH_GIT_SHA      commit to record (the device copy of the tree has no .git); default: git, else "unknown"
 #   GPU_TESTS          pytest targets (default: the CUDA, Triton, Philox, XLNet-patch and ElectraObjective tests)
@@ -16,7 +17,8 @@
 #   GPU_TEST_TIMEOUT   seconds for the test step (default 120)
 #   BENCH_MAX_MINUTES  soft limit of the suite: providers not started by then are skipped, with that reason (4)
 #   BENCH_PROFILE      suite profile (default gpu; "tiny" rehearses this script on a CPU machine)
-#   BENCH_ARGS         extra arguments for python -m benchmarks.run (e.g. "--ops attention rtd")
+#   BENCH_ARGS         extra arguments for python -m benchmarks.run (e.g. "--ops attention rtd"; others go to
+#                      pytest, e.g. "-k reference")
 #   PYTHON             interpreter (default python3)
 set -u -o pipefail
 : "${OUT:?set OUT to the folder whose files come back}"
@@ -62,6 +64,8 @@ z.extractall('/tmp/cutlass', [n for n in z.namelist() if n.startswith('cutlass_l
   $PY -c "import torch, triton, sys; print('python', sys.version.split()[0]); print('torch', torch.__version__, \
 'CUDA', torch.version.cuda); print('triton', triton.__version__); \
 print('device', torch.cuda.get_device_properties(0) if torch.cuda.is_available() else 'no CUDA device')"
+  $PY -c "import pytest_benchmark; print('pytest-benchmark', pytest_benchmark.__version__)" \
+    || { echo "pytest-benchmark is not installed: the suite cannot run (pip install pytest-benchmark)"; status=1; }
   $PY -m pyobjectives info || status=1
 
   step "GPU tests (TRITON_INTERPRET=0, timeout ${GPU_TEST_TIMEOUT:-120} s): $GPU_TESTS"
@@ -74,7 +78,7 @@ print('device', torch.cuda.get_device_properties(0) if torch.cuda.is_available()
 
   step "benchmark suite (profile ${BENCH_PROFILE:-gpu}, soft limit ${BENCH_MAX_MINUTES:-4} min)"
   # shellcheck disable=SC2086
-  $PY -m benchmarks.run --profile "${BENCH_PROFILE:-gpu}" --out "$OUT" --max-minutes "${BENCH_MAX_MINUTES:-4}" --verbose ${BENCH_ARGS:-} \
+  $PY -m benchmarks.run --profile "${BENCH_PROFILE:-gpu}" --out "$OUT" --max-minutes "${BENCH_MAX_MINUTES:-4}" ${BENCH_ARGS:-} \
     || status=1
 
   step "done (status $status); files in \$OUT:"

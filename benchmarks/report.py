@@ -1,19 +1,35 @@
-"""Results: JSON and CSV rows, PNG plots, the markdown summary, and ``--compare A.json B.json``."""
+"""The report of a run, from pytest-benchmark's JSON: markdown summary, CSV, PNG plots.
+
+    python -m benchmarks.report benchmarks/results/RUN.json            # writes RUN.md, RUN.csv, RUN_*.png beside it
+    python -m benchmarks.report RUN.json --out DIR --no-plots
+
+Reads what ``pytest benchmarks --benchmark-json=RUN.json`` wrote: ``benchmarks[]`` (pytest-benchmark's
+stats; the suite's ``extra_info``: op, configuration, provider, check error, FLOPs / bytes, TFLOP/s, GB/s,
+roofline fraction, peak memory, speedups), ``machine_info`` (with ``pyobjectives``: device, versions,
+roofline, method) and ``commit_info``, and the suite's ``pyobjectives`` section (benchmarks not timed, with
+their reasons). Before/after comparisons are pytest-benchmark's own: ``pytest-benchmark compare A.json B.json``.
+"""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
 import os
+import sys
 
-#: CSV columns (every row also carries the run's device, versions, git sha and timestamp).
-CSV_COLUMNS = ["op", "sweeps", "label", "provider", "kind", "status", "reason", "ms", "p20", "p80", "reps",
-               "tflops", "gbps", "roofline_pct", "bound", "peak_mb", "tokens_per_s", "speedup_vs_ref",
+#: CSV columns (every row also carries the run's device, versions, commit and date).
+CSV_COLUMNS = ["op", "sweeps", "label", "provider", "kind", "status", "reason", "test", "ms", "q1", "q3", "min",
+               "rounds", "tflops", "gbps", "roofline_pct", "bound", "peak_mb", "tokens_per_s", "speedup_vs_ref",
                "speedup_vs_eager", "mem_vs_ref", "check_err", "check_int_err", "check_tol", "check_what", "flops",
                "bytes", "n_sets", "note", "config"]
-META_COLUMNS = ["device", "torch", "triton", "cuda", "git_sha", "timestamp", "profile"]
+META_COLUMNS = ["device", "torch", "triton", "cuda", "commit", "datetime", "profile"]
 
+TITLES = {"two_stream_attention": "two-stream attention", "rtd_loss": "RTD loss",
+          "linear_cross_entropy": "linear + cross-entropy (+ sampling)", "xlnet_step": "HF XLNet training step",
+          "electra_step": "ELECTRA objective step", "t5_attention": "T5 self-attention (bucketed bias)",
+          "t5_step": "HF T5 training step"}
 FORMULAS = {
     "two_stream_attention": "fwd+bwd FLOPs = 3 x 6·B·H·D·Lk·(L+P) (ac, bd band and PV, both streams, dense count; "
                             "backward = 2 x forward, recomputation not counted); sdpa_content counts its own "
@@ -22,26 +38,47 @@ FORMULAS = {
     "linear_cross_entropy": "FLOPs = 6·N·E·V (logits forward, d hidden and d weight backward)",
     "xlnet_step": "ms per step (fwd + bwd + AdamW); tokens/s = B·L / step time",
     "electra_step": "ms per step (fwd + bwd + AdamW); tokens/s = B·L / step time",
+    "t5_attention": "fwd+bwd FLOPs = 3 x 4·B·H·L²·D (QK^T and PV, dense count); gradients to q, k, v and the table",
+    "t5_step": "ms per step (fwd + bwd + AdamW); tokens/s = (input + label tokens) / step time",
 }
+#: Ops with a sweep plot: (op, x key, first sweep name) — the x key is the config key the sweep varies.
+PLOTS = (("two_stream_attention", "L", "L"), ("rtd_loss", "tokens", "tokens"), ("linear_cross_entropy", "N", "N"),
+         ("t5_attention", "L", "L"))
+STEPS = ("xlnet_step", "electra_step", "t5_step")
 
 
-def key(row: dict) -> tuple:
-    return row["op"], row["label"], row["provider"]
+# --- reading --------------------------------------------------------------------------------------
 
-
-# --- files --------------------------------------------------------------------------------------------
-
-def write_json(path: str, meta: dict, rows: list) -> None:
-    with open(path, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
-        f.write("\n")
-
-
-def load_json(path: str) -> tuple:
+def load(path: str) -> tuple:
+    """``(meta, rows)``: the run's facts, and one row per benchmark (timed, checked only, skipped, failed)."""
     with open(path) as f:
         data = json.load(f)
-    return data["meta"], data["rows"]
+    mi = data.get("machine_info", {})
+    env = dict(mi.get("pyobjectives") or {})
+    commit = data.get("commit_info", {})
+    sha = str(commit.get("id", "unknown"))[:12] + ("+dirty" if commit.get("dirty") else "")
+    suite = data.get("pyobjectives") or {}
+    meta = dict(env, commit=sha, branch=commit.get("branch"), datetime=data.get("datetime"),
+                pytest_benchmark=data.get("version"), memory_method=suite.get("memory_method")
+                or env.get("memory_method"), python=mi.get("python_version"), node=mi.get("node"))
+    meta.setdefault("device", mi.get("processor") or mi.get("machine") or "?")
+    rows = []
+    for b in data.get("benchmarks", []):
+        info, st = dict(b.get("extra_info") or {}), b["stats"]
+        info.update(test=b.get("param") or b.get("name"), group=b.get("group"), status="ok",
+                    ms=st["median"] * 1e3, q1=st["q1"] * 1e3, q3=st["q3"] * 1e3, min=st["min"] * 1e3,
+                    rounds=st["rounds"])
+        rows.append(info)
+    for r in suite.get("not_timed", []):
+        rows.append(dict(r, status="checked-only" if r.get("check_ok") else "check-failed", ms=None))
+    for r in suite.get("failed", []):
+        rows.append(dict(r, status="failed", ms=None))
+    for r in suite.get("not_run", []):
+        rows.append(dict(r, status="skipped", ms=None))
+    return meta, rows
 
+
+# --- files ----------------------------------------------------------------------------------------
 
 def write_csv(path: str, meta: dict, rows: list) -> None:
     with open(path, "w", newline="") as f:
@@ -59,122 +96,85 @@ def write_csv(path: str, meta: dict, rows: list) -> None:
             writer.writerow([meta.get(c, "") for c in META_COLUMNS] + values)
 
 
-# --- derived columns ------------------------------------------------------------------------------
-
-def add_ratios(rows: list, refs: dict, eagers: dict) -> None:
-    """Speedup / memory against the reference and the eager baseline of the same op, config and run."""
-    timed = {key(r): r for r in rows if r.get("ms") is not None}
-    for r in rows:
-        if r.get("ms") is None:
-            continue
-        for col, base_name in (("speedup_vs_ref", refs.get(r["op"])), ("speedup_vs_eager", eagers.get(r["op"]))):
-            base = timed.get((r["op"], r["label"], base_name))
-            r[col] = base["ms"] / r["ms"] if base else None
-        base = timed.get((r["op"], r["label"], refs.get(r["op"])))
-        r["mem_vs_ref"] = (r["peak_mb"] / base["peak_mb"]) if base and r.get("peak_mb") and base.get("peak_mb") \
-            else None
-
-
-def add_roofline(rows: list, roofline: dict) -> None:
-    """Throughput columns and the fraction of the roofline measured in the same run.
-
-    floor time = max(FLOPs / matmul rate of the row's dtype, bytes / copy bandwidth);
-    roofline_pct = 100 * floor / measured.
-    """
-    for r in rows:
-        if r.get("ms") is None:
-            continue
-        secs = r["ms"] * 1e-3
-        if r.get("tokens"):
-            r["tokens_per_s"] = r["tokens"] / secs
-        flops, nbytes = r.get("flops"), r.get("bytes")
-        r["tflops"] = flops / secs / 1e12 if flops else None
-        r["gbps"] = nbytes / secs / 1e9 if nbytes else None
-        peak = (roofline.get("matmul_TFLOPs") or {}).get(r.get("dtype"))
-        bw = roofline.get("copy_GBps")
-        t_compute = flops / (peak * 1e12) if flops and peak else 0.0
-        t_memory = nbytes / (bw * 1e9) if nbytes and bw else 0.0
-        if t_compute or t_memory:
-            r["bound"] = "compute" if t_compute >= t_memory else "memory"
-            r["roofline_pct"] = 100 * max(t_compute, t_memory) / secs
-
-
-# --- markdown -------------------------------------------------------------------------------------
-
 def _fmt(v, spec=".3g", none="–"):
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return none
     return format(v, spec)
 
 
-def _time(r: dict) -> str:
-    if r.get("ms") is None:
-        return "–"
-    return f"{r['ms']:.3g} [{r['p20']:.3g}–{r['p80']:.3g}]"
-
-
 def _check(r: dict) -> str:
     if r.get("check_err") is None:
         return "–"
-    mark = "ok" if r["status"] in ("ok", "checked-only") else "**FAILED**"
+    mark = "ok" if r.get("check_ok", True) else "**FAILED**"
     text = f"{mark} {r['check_err']:.1e}"
     if r.get("check_int_err"):
         text += f", ids {r['check_int_err']:.1%} differ"
     return text
 
 
-def markdown(meta: dict, rows: list, titles: dict | None = None) -> str:
-    titles = titles or {}
+def markdown(meta: dict, rows: list) -> str:
     roof = meta.get("roofline") or {}
     mm = ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in (roof.get("matmul_TFLOPs") or {}).items())
+    cpu = meta.get("device_type") == "cpu"
     lines = [f"## Benchmarks on {meta['device']}", "",
-             f"torch {meta['torch']} (CUDA {meta.get('cuda') or 'none'}), triton {meta.get('triton')}, "
-             f"transformers {meta.get('transformers')}, git {meta['git_sha']}, {meta['timestamp']}, "
-             f"profile `{meta['profile']}`"
+             f"torch {meta.get('torch')} (CUDA {meta.get('cuda') or 'none'}), triton {meta.get('triton')}, "
+             f"transformers {meta.get('transformers')}, pytest-benchmark {meta.get('pytest_benchmark')}, "
+             f"commit {meta.get('commit')}, {meta.get('datetime')}, profile `{meta.get('profile')}`"
              + (f", {meta.get('cpu_threads')} CPU thread(s), load average {meta.get('load_average_at_start')} at "
-                f"start, {meta.get('load_average_at_end')} at end" if meta.get("device_type") == "cpu" else "")
+                f"start, {meta.get('load_average_at_end')} at end" if cpu else "")
              + "." + (" Triton ran under the CPU interpreter: checked, never timed."
                       if meta.get("triton_interpret") else ""), "",
              f"Roofline measured in this run: copy {_fmt(roof.get('copy_GBps'), '.4g')} GB/s (read + write); "
              f"matmul n={roof.get('matmul_n')}: {mm or '–'}.", "",
-             "Times: median [p20–p80] ms of one timed call (ops: forward + backward; steps: fwd + bwd + AdamW). "
-             "× ref / × eager: speedup over the reference / eager baseline measured in this run (> 1 is faster). "
-             "Peak MB: " + meta.get("memory_method", "") + ". check: max relative error against the oracle on the "
-             "benchmark inputs.", ""]
-    ops = list(dict.fromkeys(r["op"] for r in rows))
-    for op in ops:
-        shown = [r for r in rows if r["op"] == op and r["status"] in ("ok", "check-failed", "checked-only")]
-        lines += [f"### {titles.get(op, op)} — {meta['device']}", ""]
+             "Times: pytest-benchmark's median [q1–q3] in ms of one timed round (ops: forward + backward; steps: "
+             "fwd + bwd + AdamW), after untimed warm-up rounds, input sets rotated. × ref / × eager: speedup over "
+             "the reference / eager baseline measured in this run (> 1 is faster). Peak MB: "
+             + (meta.get("memory_method") or "not measured") + ". check: max relative error against the oracle on "
+             "the benchmark inputs (checked before timing; a provider that fails is not timed).", ""]
+    for op in dict.fromkeys(r["op"] for r in rows):
+        shown = [r for r in rows if r["op"] == op and r["status"] in ("ok", "checked-only", "check-failed")]
+        lines += [f"### {TITLES.get(op, op)} — {meta['device']}", ""]
         if FORMULAS.get(op):
             lines += [f"_{FORMULAS[op]}_", ""]
-        lines += ["| config | provider | ms [p20–p80] | TFLOP/s | GB/s | % roofline | peak MB | × ref | × eager "
-                  "| check |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| config | provider | ms [q1–q3] | rounds | TFLOP/s | GB/s | % roofline | peak MB | × ref "
+                  "| × eager | check |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in shown:
-            time_text = _time(r) if r["status"] != "checked-only" else "not timed (interpreter)"
+            time_text = (f"{r['ms']:.3g} [{r['q1']:.3g}–{r['q3']:.3g}]" if r.get("ms") is not None
+                         else "not timed (interpreter)")
             lines.append(
-                f"| {r['label']} | {r['provider']} | {time_text} | {_fmt(r.get('tflops'))} | {_fmt(r.get('gbps'))} "
-                f"| {_fmt(r.get('roofline_pct'), '.2g')} | {_fmt(r.get('peak_mb'), '.4g')} "
-                f"| {_fmt(r.get('speedup_vs_ref'), '.3g')} | {_fmt(r.get('speedup_vs_eager'), '.3g')} "
-                f"| {_check(r)} |")
+                f"| {r['label']} | {r['provider']} | {time_text} | {_fmt(r.get('rounds'), 'd')} "
+                f"| {_fmt(r.get('tflops'))} | {_fmt(r.get('gbps'))} | {_fmt(r.get('roofline_pct'), '.2g')} "
+                f"| {_fmt(r.get('peak_mb'), '.4g')} | {_fmt(r.get('speedup_vs_ref'), '.3g')} "
+                f"| {_fmt(r.get('speedup_vs_eager'), '.3g')} | {_check(r)} |")
         if not shown:
-            lines.append("| (no provider ran) | | | | | | | | | |")
+            lines.append("| (no provider ran) | | | | | | | | | | |")
+        lines.append("")
+    failed = [r for r in rows if r["status"] in ("failed", "check-failed")]
+    if failed:
+        lines += ["### FAILED (not timed)", "", "| op | config | provider | why |", "|---|---|---|---|"]
+        for r in failed:
+            why = (r.get("reason") or "").replace("|", "/").replace("\n", " ")
+            lines.append(f"| {r['op']} | {r['label']} | {r['provider']} | {why} |")
         lines.append("")
     skipped = {}
     for r in rows:
-        if r["status"] in ("skipped", "error"):
-            skipped.setdefault((r["op"], r["provider"], r["status"], r.get("reason") or ""), []).append(r["label"])
+        if r["status"] == "skipped":
+            skipped.setdefault((r["op"], r["provider"], r.get("reason") or ""), []).append(r["label"])
     if skipped:
         lines += ["### Not run", "", "| op | provider | why | configs |", "|---|---|---|---|"]
-        for (op, prov, status, reason), labels in skipped.items():
-            why = reason if status == "skipped" else f"error: {reason}"
-            lines.append(f"| {op} | {prov} | {why.replace('|', '/')} | {len(labels)} |")
+        for (op, prov, reason), labels in skipped.items():
+            lines.append(f"| {op} | {prov} | {reason.replace('|', '/')} | {len(labels)} |")
         lines.append("")
     return "\n".join(lines)
 
 
 # --- plots ----------------------------------------------------------------------------------------
 
-def plot_op(path: str, meta: dict, rows: list, op: str, title: str, sweep: str, x_key: str) -> bool:
+def _title(meta: dict) -> str:
+    return f"{meta['device']} — torch {meta.get('torch')}, commit {meta.get('commit')}"
+
+
+def plot_op(path: str, meta: dict, rows: list, op: str, sweep: str, x_key: str) -> bool:
     """Speedup over the reference and peak memory against the sweep variable, one line per provider."""
     import matplotlib
     matplotlib.use("Agg")
@@ -185,7 +185,7 @@ def plot_op(path: str, meta: dict, rows: list, op: str, title: str, sweep: str, 
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for provider in dict.fromkeys(r["provider"] for r in data):
-        pts = sorted((r["config"][x_key], r) for r in data if r["provider"] == provider)
+        pts = sorted(((r["config"][x_key], r) for r in data if r["provider"] == provider), key=lambda t: t[0])
         xs = [x for x, _ in pts]
         speed = [r.get("speedup_vs_ref") for _, r in pts]
         mem = [r.get("peak_mb") for _, r in pts]
@@ -205,14 +205,14 @@ def plot_op(path: str, meta: dict, rows: list, op: str, title: str, sweep: str, 
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
-    fig.suptitle(f"{title} — {meta['device']} — torch {meta['torch']}, git {meta['git_sha']}", fontsize=9)
+    fig.suptitle(f"{TITLES.get(op, op)} — {_title(meta)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
 
-def plot_steps(path: str, meta: dict, rows: list, ops: list) -> bool:
+def plot_steps(path: str, meta: dict, rows: list, ops=STEPS) -> bool:
     """Training steps: ms per step and peak memory per provider (bars), one row of panels per step."""
     import matplotlib
     matplotlib.use("Agg")
@@ -225,53 +225,58 @@ def plot_steps(path: str, meta: dict, rows: list, ops: list) -> bool:
     fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.2 * len(groups)), squeeze=False)
     for (op, rs), ax_row in zip(groups, axes):
         names = [r["provider"] for r in rs]
-        ax_row[0].barh(names, [r["ms"] for r in rs], xerr=[[r["ms"] - r["p20"] for r in rs],
-                                                            [r["p80"] - r["ms"] for r in rs]])
-        ax_row[0].set_xlabel("ms per step (median, p20–p80)")
+        ax_row[0].barh(names, [r["ms"] for r in rs], xerr=[[max(r["ms"] - r["q1"], 0) for r in rs],
+                                                            [max(r["q3"] - r["ms"], 0) for r in rs]])
+        ax_row[0].set_xlabel("ms per step (median, q1–q3)")
         ax_row[0].set_title(f"{op}: {rs[0]['label']}", fontsize=8)
         ax_row[1].barh(names, [r.get("peak_mb") or 0 for r in rs])
         ax_row[1].set_xlabel("peak memory above inputs (MB)")
-    fig.suptitle(f"training steps — {meta['device']} — torch {meta['torch']}, git {meta['git_sha']}", fontsize=9)
+    fig.suptitle(f"training steps — {_title(meta)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
 
-# --- compare --------------------------------------------------------------------------------------
+def write(json_path: str, out_dir: str | None = None, stem: str | None = None, plots: bool = True) -> dict:
+    """Markdown, CSV and PNGs of one run; returns the written paths."""
+    meta, rows = load(json_path)
+    out_dir = out_dir or os.path.dirname(os.path.abspath(json_path))
+    stem = stem or os.path.splitext(os.path.basename(json_path))[0]
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, stem)
+    paths = dict(md=base + ".md", csv=base + ".csv", png=[])
+    write_csv(paths["csv"], meta, rows)
+    md = markdown(meta, rows)
+    if plots:
+        for op, x_key, sweep in PLOTS:
+            png = f"{base}_{op}.png"
+            if plot_op(png, meta, rows, op, sweep, x_key):
+                paths["png"].append(png)
+        png = f"{base}_steps.png"
+        if plot_steps(png, meta, rows):
+            paths["png"].append(png)
+    if paths["png"]:
+        md += "\nPlots: " + ", ".join(f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in paths["png"]) + "\n"
+    with open(paths["md"], "w") as f:
+        f.write(md)
+    return paths
 
-def compare(path_a: str, path_b: str, out=None) -> list:
-    """Print the change between two runs: rows matched by (op, config, provider)."""
-    import sys
-    out = out or sys.stdout
-    meta_a, rows_a = load_json(path_a)
-    meta_b, rows_b = load_json(path_b)
-    print(f"A: {os.path.basename(path_a)}: {meta_a['device']}, git {meta_a['git_sha']}, {meta_a['timestamp']}",
-          file=out)
-    print(f"B: {os.path.basename(path_b)}: {meta_b['device']}, git {meta_b['git_sha']}, {meta_b['timestamp']}",
-          file=out)
-    if meta_a["device"] != meta_b["device"]:
-        print("WARNING: the two runs are on different devices; time changes compare machines, not code.", file=out)
-    index_b = {key(r): r for r in rows_b}
-    header = f"{'op':<22} {'config':<42} {'provider':<20} {'A ms':>9} {'B ms':>9} {'B/A':>7} {'xref A':>7} " \
-             f"{'xref B':>7}"
-    print(header, file=out)
-    print("-" * len(header), file=out)
-    result = []
-    for ra in rows_a:
-        rb = index_b.get(key(ra))
-        if rb is None or ra.get("ms") is None or rb.get("ms") is None:
-            continue
-        ratio = rb["ms"] / ra["ms"]
-        result.append(dict(op=ra["op"], label=ra["label"], provider=ra["provider"], a_ms=ra["ms"], b_ms=rb["ms"],
-                           ratio=ratio))
-        print(f"{ra['op']:<22} {ra['label'][:42]:<42} {ra['provider'][:20]:<20} {ra['ms']:9.3g} {rb['ms']:9.3g} "
-              f"{ratio:6.2f}x {_fmt(ra.get('speedup_vs_ref'), '.3g'):>7} {_fmt(rb.get('speedup_vs_ref'), '.3g'):>7}",
-              file=out)
-    only_a = [k for k in (key(r) for r in rows_a if r.get("ms") is not None)
-              if k not in {key(r) for r in rows_b if r.get("ms") is not None}]
-    if only_a:
-        print(f"{len(only_a)} timed rows of A have no timed counterpart in B", file=out)
-    if not result:
-        print("no rows in common", file=out)
-    return result
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("json", help="pytest-benchmark JSON (--benchmark-json) of a run of benchmarks/")
+    parser.add_argument("--out", default=None, help="output folder (default: beside the JSON)")
+    parser.add_argument("--name", default=None, help="file name stem (default: the JSON's)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    parser.add_argument("--quiet", action="store_true", help="do not print the markdown")
+    args = parser.parse_args(argv)
+    paths = write(args.json, args.out, args.name, plots=not args.no_plots)
+    if not args.quiet:
+        print(open(paths["md"]).read())
+    print(f"wrote {paths['md']}, {paths['csv']}" + "".join(f", {p}" for p in paths["png"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

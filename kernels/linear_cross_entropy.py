@@ -308,122 +308,162 @@ def _dtypes(dtype: torch.dtype):
     return acc, dot, prec
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ignore_index, reduction, sample, temperature, seed, disallow,
-                want_argmax, need_h, need_w, need_b):
-        N, E = hidden.shape
-        V = weight.shape[0]
-        dev, dt = hidden.device, hidden.dtype
-        acc, dot_dt, prec = _dtypes(dt)
-        interp = _interpreting()
-        keep = targets != ignore_index
-        # kept rows first, in order; their count stays on the device (no host synchronisation)
-        order = torch.argsort((~keep).to(torch.int8), stable=True).to(torch.int32)
-        n_keep = keep.sum().to(torch.int32).reshape(1)
-        cfg = _config(N, E, V, dt, dev)
-        BN, BV, BE = cfg["fwd"]
-        row_blocks = triton.cdiv(N, BN)
-        S, per = _splits(row_blocks, triton.cdiv(V, BV), cfg, "fwd_splits")
-        lse_p = new_output((S, N), acc, dev)
-        tgl_p = new_output((S, N), acc, dev)
-        smax = new_output((S, N), torch.float32, dev) if sample else None
-        sidx = new_output((S, N), torch.int32, dev) if sample else None
-        amax = new_output((S, N), acc, dev) if want_argmax else None
-        aidx = new_output((S, N), torch.int32, dev) if want_argmax else None
-        if N > 0:
-            _lce_fwd_kernel[(row_blocks, S)](
-                hidden, weight, bias if bias is not None else weight, targets, order, n_keep,
-                disallow if disallow is not None else targets,
-                lse_p, tgl_p, smax if sample else lse_p, sidx if sample else order,
-                amax if want_argmax else lse_p, aidx if want_argmax else order,
-                N, V, E, int(seed) if sample else 0, float(temperature), per,
-                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), targets.stride(0),
-                disallow.stride(0) if disallow is not None else 0,
-                HAS_BIAS=bias is not None, SAMPLE=bool(sample), ARGMAX=bool(want_argmax),
-                HAS_DIS=disallow is not None, IN_DT=_TL[dt], DOT_DT=dot_dt, PREC=prec, ACC=_TL[acc],
-                INTERP=interp, BLOCK_N=BN, BLOCK_V=BV, BLOCK_E=BE, num_warps=cfg["num_warps"],
-                num_stages=cfg["num_stages"])
-        if S == 1:
-            lse, tlogit = lse_p[0], tgl_p[0]
-        else:
-            lse, tlogit = torch.logsumexp(lse_p, 0), tgl_p.sum(0)
-        per_row = torch.where(keep, lse - tlogit, torch.zeros_like(lse))
-        denom = None
-        if reduction == "none":
-            loss = per_row.to(dt)
-        elif reduction == "sum":  # float64 over N values: the scalar is rounded once
-            loss = per_row.to(torch.float64).sum().to(dt)
-        else:
-            denom = n_keep[0].to(torch.float64).clamp(min=1)
-            loss = (per_row.to(torch.float64).sum() / denom).to(dt)
-        extras = []
-        if sample:
-            best = smax.argmax(0, keepdim=True)
-            extras.append(sidx.gather(0, best)[0].long())
-        if want_argmax:
-            best = amax.argmax(0, keepdim=True)
-            extras.append(aidx.gather(0, best)[0].long())
-        ctx.mark_non_differentiable(*extras)
-        ctx.meta = dict(N=N, E=E, V=V, reduction=reduction, dtypes=(dt, weight.dtype,
-                        None if bias is None else bias.dtype), need=(need_h, need_w, need_b), acc=acc,
-                        has_bias=bias is not None)
-        ctx.save_for_backward(hidden, weight, bias, targets, order, n_keep, lse, denom)
-        return (loss, *extras)
+OP_FWD, OP_BWD = "pyobjectives_triton::linear_cross_entropy_fwd", "pyobjectives_triton::linear_cross_entropy_bwd"
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, *unused):
-        hidden, weight, bias, targets, order, n_keep, lse, denom = ctx.saved_tensors
-        meta = ctx.meta
-        need_h, need_w, need_b = meta["need"]
-        N, E, V = meta["N"], meta["E"], meta["V"]
-        dt = meta["dtypes"][0]
-        acc, dot_dt, prec = _dtypes(dt)
-        interp = _interpreting()
-        dev = hidden.device
-        none = (None,) * 11
-        if grad_loss is None:
-            return (None, None, None) + none
-        if meta["reduction"] == "none":
-            coef, coef_stride = grad_loss.to(acc).contiguous(), 1
-        elif meta["reduction"] == "sum":
-            coef, coef_stride = grad_loss.to(acc).reshape(1), 0
-        else:
-            coef, coef_stride = (grad_loss.to(torch.float64) / denom).to(acc).reshape(1), 0
-        lse = lse.contiguous()
-        cfg = _config(N, E, V, dt, dev)
-        common = (hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), targets.stride(0))
-        flags = dict(IN_DT=_TL[dt], DOT_DT=dot_dt, PREC=prec, ACC=_TL[acc], INTERP=interp,
-                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        b_arg = bias if bias is not None else weight
-        dh = dw = db = None
-        if need_h:
-            BN, BV, BE, BEO = cfg["dh"]
-            row_blocks, e_blocks = triton.cdiv(N, BN), triton.cdiv(E, BEO)
-            S, per = _splits(row_blocks * e_blocks, triton.cdiv(V, BV), cfg, "dh_splits")
-            part = new_output((S, N, E), acc, dev) if S > 1 else None
-            dh = new_output((N, E), dt, dev) if S == 1 else None
-            if N > 0 and E > 0:
-                _lce_bwd_dh_kernel[(row_blocks, e_blocks, S)](
-                    hidden, weight, b_arg, targets, order, n_keep, lse, coef, part if S > 1 else dh,
-                    N, V, E, per, coef_stride, *common, HAS_BIAS=bias is not None, PARTIAL=S > 1,
-                    BLOCK_N=BN, BLOCK_V=BV, BLOCK_E=BE, BLOCK_EO=BEO, **flags)
-                if S > 1:
-                    dh = part.sum(0).to(dt)
-            elif dh is None:
-                dh = torch.zeros((N, E), dtype=dt, device=dev)
-        if need_w or need_b:
-            BN, BV, BE, BEO = cfg["dw"]
-            e_blocks = max(1, triton.cdiv(E, BEO)) if need_w else 1
-            dw = new_output((V, E), meta["dtypes"][1], dev) if need_w else None
-            db = new_output((V,), meta["dtypes"][2], dev) if need_b else None
-            _lce_bwd_dw_kernel[(triton.cdiv(V, BV), e_blocks)](
-                hidden, weight, b_arg, targets, order, n_keep, lse, coef,
-                dw if dw is not None else lse, db if db is not None else lse,
-                N, V, E, coef_stride, *common, HAS_BIAS=bias is not None, DW=bool(need_w), DB=bool(need_b),
+# Registered ops (fake kernels, autograd) so that torch.compile / torch.export treat the launches as opaque.
+_lib = torch.library.Library("pyobjectives_triton", "FRAGMENT")
+_lib.define("linear_cross_entropy_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, int ignore_index, "
+            "str reduction, bool sample, float temperature, int seed, Tensor? disallow, bool want_argmax) "
+            "-> (Tensor loss, Tensor sampled, Tensor argmax, Tensor order, Tensor n_keep, Tensor lse, Tensor denom)")
+_lib.define("linear_cross_entropy_bwd(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
+            "Tensor order, Tensor n_keep, Tensor lse, Tensor denom, str reduction, bool need_h, bool need_w, "
+            "bool need_b) -> (Tensor dh, Tensor dw, Tensor db)")
+
+
+@torch.library.register_kernel(OP_FWD, ("cpu", "cuda"))
+def _lce_fwd(hidden, weight, bias, targets, ignore_index, reduction, sample, temperature, seed, disallow,
+             want_argmax):
+    """``(loss, sampled [N] or [0], argmax [N] or [0], row order, kept-row count [1], lse [N], mean's
+    denominator [] or [0])``; the last four are what the backward pass reads."""
+    N, E = hidden.shape
+    V = weight.shape[0]
+    dev, dt = hidden.device, hidden.dtype
+    acc, dot_dt, prec = _dtypes(dt)
+    interp = _interpreting()
+    keep = targets != ignore_index
+    # kept rows first, in order; their count stays on the device (no host synchronisation)
+    order = torch.argsort((~keep).to(torch.int8), stable=True).to(torch.int32)
+    n_keep = keep.sum().to(torch.int32).reshape(1)
+    cfg = _config(N, E, V, dt, dev)
+    BN, BV, BE = cfg["fwd"]
+    row_blocks = triton.cdiv(N, BN)
+    S, per = _splits(row_blocks, triton.cdiv(V, BV), cfg, "fwd_splits")
+    lse_p = new_output((S, N), acc, dev)
+    tgl_p = new_output((S, N), acc, dev)
+    smax = new_output((S, N), torch.float32, dev) if sample else None
+    sidx = new_output((S, N), torch.int32, dev) if sample else None
+    amax = new_output((S, N), acc, dev) if want_argmax else None
+    aidx = new_output((S, N), torch.int32, dev) if want_argmax else None
+    if N > 0:
+        _lce_fwd_kernel[(row_blocks, S)](
+            hidden, weight, bias if bias is not None else weight, targets, order, n_keep,
+            disallow if disallow is not None else targets,
+            lse_p, tgl_p, smax if sample else lse_p, sidx if sample else order,
+            amax if want_argmax else lse_p, aidx if want_argmax else order,
+            N, V, E, int(seed) if sample else 0, float(temperature), per,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), targets.stride(0),
+            disallow.stride(0) if disallow is not None else 0,
+            HAS_BIAS=bias is not None, SAMPLE=bool(sample), ARGMAX=bool(want_argmax),
+            HAS_DIS=disallow is not None, IN_DT=_TL[dt], DOT_DT=dot_dt, PREC=prec, ACC=_TL[acc],
+            INTERP=interp, BLOCK_N=BN, BLOCK_V=BV, BLOCK_E=BE, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
+    if S == 1:
+        lse, tlogit = lse_p[0], tgl_p[0]
+    else:
+        lse, tlogit = torch.logsumexp(lse_p, 0), tgl_p.sum(0)
+    per_row = torch.where(keep, lse - tlogit, torch.zeros_like(lse))
+    denom = None
+    if reduction == "none":
+        loss = per_row.to(dt)
+    elif reduction == "sum":  # float64 over N values: the scalar is rounded once
+        loss = per_row.to(torch.float64).sum().to(dt)
+    else:
+        denom = n_keep[0].to(torch.float64).clamp(min=1)
+        loss = (per_row.to(torch.float64).sum() / denom).to(dt)
+    no_ids = lambda: order.new_empty(0, dtype=torch.int64)  # noqa: E731  (outputs never alias each other)
+    sampled = sidx.gather(0, smax.argmax(0, keepdim=True))[0].long() if sample else no_ids()
+    argmax = aidx.gather(0, amax.argmax(0, keepdim=True))[0].long() if want_argmax else no_ids()
+    if denom is None:
+        denom = lse.new_empty(0, dtype=torch.float64)
+    return loss, sampled, argmax, order, n_keep, lse, denom
+
+
+@torch.library.register_fake(OP_FWD)
+def _lce_fwd_fake(hidden, weight, bias, targets, ignore_index, reduction, sample, temperature, seed, disallow,
+                  want_argmax):
+    N = hidden.shape[0]
+    acc = _dtypes(hidden.dtype)[0]
+    i64 = dict(dtype=torch.int64)
+    return (hidden.new_empty(N if reduction == "none" else ()), hidden.new_empty(N if sample else 0, **i64),
+            hidden.new_empty(N if want_argmax else 0, **i64), hidden.new_empty(N, dtype=torch.int32),
+            hidden.new_empty(1, dtype=torch.int32), hidden.new_empty(N, dtype=acc),
+            hidden.new_empty(() if reduction == "mean" else 0, dtype=torch.float64))
+
+
+@torch.library.register_kernel(OP_BWD, ("cpu", "cuda"))
+def _lce_bwd(grad_loss, hidden, weight, bias, targets, order, n_keep, lse, denom, reduction, need_h, need_w, need_b):
+    """``(d hidden, d weight, d bias)``, each an empty tensor when not needed."""
+    N, E = hidden.shape
+    V = weight.shape[0]
+    dt = hidden.dtype
+    acc, dot_dt, prec = _dtypes(dt)
+    interp = _interpreting()
+    dev = hidden.device
+    if reduction == "none":
+        coef, coef_stride = grad_loss.to(acc).contiguous(), 1
+    elif reduction == "sum":
+        coef, coef_stride = grad_loss.to(acc).reshape(1), 0
+    else:
+        coef, coef_stride = (grad_loss.to(torch.float64) / denom).to(acc).reshape(1), 0
+    lse = lse.contiguous()
+    cfg = _config(N, E, V, dt, dev)
+    common = (hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), targets.stride(0))
+    flags = dict(IN_DT=_TL[dt], DOT_DT=dot_dt, PREC=prec, ACC=_TL[acc], INTERP=interp,
+                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    b_arg = bias if bias is not None else weight
+    dh = dw = db = None
+    if need_h:
+        BN, BV, BE, BEO = cfg["dh"]
+        row_blocks, e_blocks = triton.cdiv(N, BN), triton.cdiv(E, BEO)
+        S, per = _splits(row_blocks * e_blocks, triton.cdiv(V, BV), cfg, "dh_splits")
+        part = new_output((S, N, E), acc, dev) if S > 1 else None
+        dh = new_output((N, E), dt, dev) if S == 1 else None
+        if N > 0 and E > 0:
+            _lce_bwd_dh_kernel[(row_blocks, e_blocks, S)](
+                hidden, weight, b_arg, targets, order, n_keep, lse, coef, part if S > 1 else dh,
+                N, V, E, per, coef_stride, *common, HAS_BIAS=bias is not None, PARTIAL=S > 1,
                 BLOCK_N=BN, BLOCK_V=BV, BLOCK_E=BE, BLOCK_EO=BEO, **flags)
-        return (dh, dw, db) + none
+            if S > 1:
+                dh = part.sum(0).to(dt)
+        elif dh is None:
+            dh = torch.zeros((N, E), dtype=dt, device=dev)
+    if need_w or need_b:
+        BN, BV, BE, BEO = cfg["dw"]
+        e_blocks = max(1, triton.cdiv(E, BEO)) if need_w else 1
+        dw = new_output((V, E), weight.dtype, dev) if need_w else None
+        db = new_output((V,), bias.dtype, dev) if need_b else None
+        _lce_bwd_dw_kernel[(triton.cdiv(V, BV), e_blocks)](
+            hidden, weight, b_arg, targets, order, n_keep, lse, coef,
+            dw if dw is not None else lse, db if db is not None else lse,
+            N, V, E, coef_stride, *common, HAS_BIAS=bias is not None, DW=bool(need_w), DB=bool(need_b),
+            BLOCK_N=BN, BLOCK_V=BV, BLOCK_E=BE, BLOCK_EO=BEO, **flags)
+    return tuple(hidden.new_empty(0) if t is None else t for t in (dh, dw, db))
+
+
+@torch.library.register_fake(OP_BWD)
+def _lce_bwd_fake(grad_loss, hidden, weight, bias, targets, order, n_keep, lse, denom, reduction, need_h, need_w,
+                  need_b):
+    empty = lambda: hidden.new_empty(0)  # noqa: E731
+    return (hidden.new_empty(hidden.shape) if need_h else empty(), weight.new_empty(weight.shape) if need_w else empty(),
+            bias.new_empty(bias.shape) if need_b else empty())
+
+
+def _lce_setup(ctx, inputs, output):
+    hidden, weight, bias, targets, _, reduction = inputs[:6]
+    _, _, _, order, n_keep, lse, denom = output
+    ctx.reduction = reduction
+    ctx.save_for_backward(hidden, weight, bias, targets, order, n_keep, lse, denom)
+
+
+def _lce_backward(ctx, grad_loss, *_):
+    hidden, weight, bias, targets, order, n_keep, lse, denom = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    dh, dw, db = torch.ops.pyobjectives_triton.linear_cross_entropy_bwd(
+        grad_loss, hidden, weight, bias, targets, order, n_keep, lse, denom, ctx.reduction, need_h, need_w, need_b)
+    return (dh if need_h else None, dw if need_w else None, db if need_b else None) + (None,) * 8
+
+
+torch.library.register_autograd(OP_FWD, _lce_backward, setup_context=_lce_setup)
 
 
 def not_supported_reasons(inputs) -> list:
@@ -444,11 +484,9 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-10
     ``return_argmax=True`` (not part of the public signature; used by
     :class:`pyobjectives.nn.ElectraObjective`) appends ``argmax_v z [N]`` from the same sweep.
     """
-    grad = torch.is_grad_enabled()
-    need = (grad and hidden.requires_grad, grad and weight.requires_grad,
-            grad and bias is not None and bias.requires_grad)
-    out = _LinearCrossEntropy.apply(hidden, weight, bias, targets, int(ignore_index), reduction, bool(sample),
-                                    float(temperature), seed, disallow, bool(return_argmax), *need)
+    loss, sampled, argmax, *_ = torch.ops.pyobjectives_triton.linear_cross_entropy_fwd(
+        hidden, weight, bias, targets, int(ignore_index), reduction, bool(sample), float(temperature),
+        int(seed) if sample else 0, disallow, bool(return_argmax))
     if not sample and not return_argmax:
-        return out[0]
-    return tuple(out)
+        return loss
+    return (loss,) + ((sampled,) if sample else ()) + ((argmax,) if return_argmax else ())

@@ -27,6 +27,7 @@ layout allows, otherwise copied); ids may be any integer dtype, the mask bool, i
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -279,127 +280,183 @@ def _token_layout(lead, tensors):
     return tensors, B, L, strides
 
 
-class _RTDLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, b, corrupted, original, mask, loss_weight, reduction, need_x, need_w, need_b):
-        head = w is not None
-        lead = tuple(x.shape[:-1]) if head else tuple(x.shape)
-        D = x.shape[-1] if head else 1
-        T = 1
-        for s in lead:
-            T *= s
-        dev = x.device
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        interp = _interpreting()
-        cfg = _config(D, head, x.dtype, dev)
-        n_chunks = max(1, triton.cdiv(D, cfg["BLOCK_D"]))
-        n_blocks = triton.cdiv(T, cfg["BLOCK_T"])
-        P = max(1, min(n_blocks, cfg["max_programs"]))
-        store_tok = reduction == "none"
-        # g_t is kept for backward when d x needs it or when grad_out is per token; the mean / sum
-        # gradients of head_weight and head_bias come from this pass's partial sums instead
-        need_dw_fwd = head and need_w and reduction != "none"
-        store_g = need_x or (reduction == "none" and head and (need_w or need_b))
-        grad = store_g or need_dw_fwd or need_b
+OP_FWD, OP_HEAD_BWD = "pyobjectives_triton::rtd_loss_fwd", "pyobjectives_triton::rtd_loss_head_bwd"
 
-        masked = mask is not None
-        m = mask if masked else corrupted
-        if m.dtype == torch.bool:
-            m = m.view(torch.uint8)
-        tensors, B, L, strides = _token_layout(lead, [x, corrupted, original, m])
-        x, corrupted, original, m = tensors
-        (sx0, sx1), (sc0, sc1), (so0, so1), (sm0, sm1) = strides
-        sxd = x.stride(-1) if head and x.dim() > 0 else 0
+# Registered ops (fake kernels, autograd) so that torch.compile / torch.export treat the launches as opaque.
+_lib = torch.library.Library("pyobjectives_triton", "FRAGMENT")
+_lib.define("rtd_loss_fwd(Tensor x, Tensor? w, Tensor? b, Tensor corrupted, Tensor original, Tensor? mask, "
+            "float loss_weight, str reduction, bool need_x, bool need_w, bool need_b) "
+            "-> (Tensor loss, Tensor stats, Tensor g, Tensor dw_sum, Tensor g_sum, Tensor denom)")
+_lib.define("rtd_loss_head_bwd(Tensor g, Tensor s, Tensor w, Tensor? x, SymInt D, ScalarType dx_dtype, bool need_dx) "
+            "-> (Tensor dx, Tensor dw)")
 
-        tok = new_output((T,), x.dtype, dev) if store_tok else None
-        g = new_output((T,), acc, dev) if store_g else None
-        part = new_output((P, _N_PARTIALS), torch.float64, dev)  # float64 partial sums: [P, 8] only
-        dwp = new_output((P, D), acc, dev) if need_dw_fwd else None
-        if T == 0:
-            part.zero_()
-            if dwp is not None:
-                dwp.zero_()
-        else:
-            _rtd_fwd_kernel[(P,)](
-                x, w if head else x, b if b is not None else x, corrupted, original, m,
-                tok if tok is not None else part, g if g is not None else part, part,
-                dwp if dwp is not None else part,
-                T, L, D, n_blocks, sx0, sx1, sxd, sc0, sc1, so0, so1, sm0, sm1, float(loss_weight),
-                HEAD=head, HAS_BIAS=b is not None, HAS_MASK=masked, STORE_TOK=store_tok, GRAD=grad, STORE_G=store_g,
-                DW=need_dw_fwd, BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], D_CHUNKS=n_chunks,
-                ACC=_TL[acc], INTERP=interp, num_warps=cfg["num_warps"])
-        sums = part.sum(0)  # float64 all the way: the scalar is rounded once
-        count = sums[1]
-        if reduction == "none":
-            loss = tok.view(lead)
-            denom = None
-        elif reduction == "sum":
-            loss = (sums[0] * loss_weight).to(x.dtype)
-            denom = torch.ones((), dtype=torch.float64, device=dev)
-        else:
-            denom = count.clamp(min=1)
-            loss = (sums[0] * loss_weight / denom).to(x.dtype)
-        n_real, correct, tp, n_pred, n_repl = sums[1].float(), sums[2].float(), sums[3].float(), sums[4].float(), \
-            sums[5].float()
-        stats = torch.stack([correct / n_real.clamp(min=1), tp / n_pred.clamp(min=1), tp / n_repl.clamp(min=1),
-                             n_repl, n_real])
-        ctx.mark_non_differentiable(stats)
-        ctx.cfg = dict(cfg, n_chunks=n_chunks, n_blocks=n_blocks, P=P, T=T, L=L, D=D, head=head, lead=lead,
-                       reduction=reduction, loss_weight=float(loss_weight), acc=acc, strides=(sx0, sx1, sxd),
-                       dtypes=(x.dtype, None if w is None else w.dtype, None if b is None else b.dtype),
-                       need=(need_x, need_w, need_b))
-        ctx.save_for_backward(g, dwp, sums[6].reshape(1), denom, w, x if (head and reduction == "none" and need_w)
-                              else None)
-        return loss, stats
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, grad_stats):
-        g, dwp, gsum, denom, w, x = ctx.saved_tensors
-        c = ctx.cfg
-        need_x, need_w, need_b = c["need"]
-        acc = c["acc"]
-        dx = dw = db = None
-        if grad_loss is None:
-            return (None,) * 11
+def _grad_plan(head, reduction, need_x, need_w, need_b):
+    """What the forward pass keeps: ``g_t`` per token when d x needs it or when grad_out is per token;
+    the mean / sum gradients of head_weight come from this pass's partial sums instead."""
+    need_dw_fwd = head and need_w and reduction != "none"
+    store_g = need_x or (reduction == "none" and head and (need_w or need_b))
+    return need_dw_fwd, store_g
+
+
+@torch.library.register_kernel(OP_FWD, ("cpu", "cuda"))
+def _rtd_fwd(x, w, b, corrupted, original, mask, loss_weight, reduction, need_x, need_w, need_b):
+    """``(loss, stats [5], g [T] or [0], sum_t g_t hidden_t [D] or [0], sum_t g_t [1], denom [] or [0])``."""
+    head = w is not None
+    lead = tuple(x.shape[:-1]) if head else tuple(x.shape)
+    D = x.shape[-1] if head else 1
+    T = 1
+    for s in lead:
+        T *= s
+    dev = x.device
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    interp = _interpreting()
+    cfg = _config(D, head, x.dtype, dev)
+    n_chunks = max(1, triton.cdiv(D, cfg["BLOCK_D"]))
+    n_blocks = triton.cdiv(T, cfg["BLOCK_T"])
+    P = max(1, min(n_blocks, cfg["max_programs"]))
+    store_tok = reduction == "none"
+    need_dw_fwd, store_g = _grad_plan(head, reduction, need_x, need_w, need_b)
+    grad = store_g or need_dw_fwd or need_b
+
+    masked = mask is not None
+    m = mask if masked else corrupted
+    if m.dtype == torch.bool:
+        m = m.view(torch.uint8)
+    tensors, B, L, strides = _token_layout(lead, [x, corrupted, original, m])
+    x, corrupted, original, m = tensors
+    (sx0, sx1), (sc0, sc1), (so0, so1), (sm0, sm1) = strides
+    sxd = x.stride(-1) if head and x.dim() > 0 else 0
+
+    tok = new_output((T,), x.dtype, dev) if store_tok else None
+    g = new_output((T,), acc, dev) if store_g else None
+    part = new_output((P, _N_PARTIALS), torch.float64, dev)  # float64 partial sums: [P, 8] only
+    dwp = new_output((P, D), acc, dev) if need_dw_fwd else None
+    if T == 0:
+        part.zero_()
+        if dwp is not None:
+            dwp.zero_()
+    else:
+        _rtd_fwd_kernel[(P,)](
+            x, w if head else x, b if b is not None else x, corrupted, original, m,
+            tok if tok is not None else part, g if g is not None else part, part,
+            dwp if dwp is not None else part,
+            T, L, D, n_blocks, sx0, sx1, sxd, sc0, sc1, so0, so1, sm0, sm1, float(loss_weight),
+            HEAD=head, HAS_BIAS=b is not None, HAS_MASK=masked, STORE_TOK=store_tok, GRAD=grad, STORE_G=store_g,
+            DW=need_dw_fwd, BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], D_CHUNKS=n_chunks,
+            ACC=_TL[acc], INTERP=interp, num_warps=cfg["num_warps"])
+    sums = part.sum(0)  # float64 all the way: the scalar is rounded once
+    count = sums[1]
+    if reduction == "none":
+        loss = tok.view(lead)
+        denom = None
+    elif reduction == "sum":
+        loss = (sums[0] * loss_weight).to(x.dtype)
+        denom = torch.ones((), dtype=torch.float64, device=dev)
+    else:
+        denom = count.clamp(min=1)
+        loss = (sums[0] * loss_weight / denom).to(x.dtype)
+    n_real, correct, tp, n_pred, n_repl = sums[1].float(), sums[2].float(), sums[3].float(), sums[4].float(), \
+        sums[5].float()
+    stats = torch.stack([correct / n_real.clamp(min=1), tp / n_pred.clamp(min=1), tp / n_repl.clamp(min=1),
+                         n_repl, n_real])
+    empty = lambda dtype: part.new_empty(0, dtype=dtype)  # noqa: E731  (outputs never alias each other)
+    return (loss, stats, g if g is not None else empty(acc), dwp.sum(0) if dwp is not None else empty(acc),
+            sums[6:7].clone(), denom if denom is not None else empty(torch.float64))
+
+
+@torch.library.register_fake(OP_FWD)
+def _rtd_fwd_fake(x, w, b, corrupted, original, mask, loss_weight, reduction, need_x, need_w, need_b):
+    head = w is not None
+    lead = tuple(x.shape[:-1]) if head else tuple(x.shape)
+    T = math.prod(lead)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    need_dw_fwd, store_g = _grad_plan(head, reduction, need_x, need_w, need_b)
+    f64 = dict(dtype=torch.float64)
+    return (x.new_empty(lead if reduction == "none" else ()), x.new_empty(5, dtype=torch.float32),
+            x.new_empty(T if store_g else 0, dtype=acc), x.new_empty(x.shape[-1] if need_dw_fwd else 0, dtype=acc),
+            x.new_empty(1, **f64), x.new_empty(0 if reduction == "none" else (), **f64))
+
+
+@torch.library.register_kernel(OP_HEAD_BWD, ("cpu", "cuda"))
+def _rtd_head_bwd(g, s, w, x, D, dx_dtype, need_dx):
+    """Fused head backward: ``d hidden [T, D]`` (if ``need_dx``) and, given ``x`` (per-token ``s``),
+    ``sum_t s_t g_t hidden_t [D]``; empty tensors for what is not asked."""
+    T, acc, dev = g.numel(), g.dtype, g.device
+    cfg = _config(D, True, dx_dtype, dev)
+    n_chunks = max(1, triton.cdiv(D, cfg["BLOCK_D"]))
+    n_blocks = triton.cdiv(T, cfg["BLOCK_T"])
+    P = max(1, min(n_blocks, cfg["max_programs"]))
+    per_token_dw = x is not None
+    if per_token_dw:
+        (x,), _, L, ((sx0, sx1),) = _token_layout(tuple(x.shape[:-1]), [x])
+        sxd = x.stride(-1)
+    else:
+        L, sx0, sx1, sxd = 1, 0, 0, 0
+    dx_buf = new_output((T, D), dx_dtype, dev) if need_dx else None
+    dwp_b = new_output((P, D), acc, dev) if per_token_dw else None
+    if T > 0:
+        _rtd_bwd_kernel[(P,)](
+            g, s, 0 if s.numel() == 1 else 1, w, x if x is not None else g, dx_buf if dx_buf is not None else g,
+            dwp_b if dwp_b is not None else g, T, L, D, n_blocks, sx0, sx1, sxd,
+            DX=need_dx, DW=per_token_dw, BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"],
+            D_CHUNKS=n_chunks, ACC=_TL[acc], INTERP=_interpreting(), num_warps=cfg["num_warps"])
+    elif dwp_b is not None:
+        dwp_b.zero_()
+    return (dx_buf if dx_buf is not None else g.new_empty(0, dtype=dx_dtype),
+            dwp_b.sum(0) if dwp_b is not None else g.new_empty(0))
+
+
+@torch.library.register_fake(OP_HEAD_BWD)
+def _rtd_head_bwd_fake(g, s, w, x, D, dx_dtype, need_dx):
+    return g.new_empty((g.shape[0], D) if need_dx else (0,), dtype=dx_dtype), g.new_empty(D if x is not None else 0)
+
+
+def _rtd_setup(ctx, inputs, output):
+    x, w, b, _, _, _, loss_weight, reduction, need_x, need_w, need_b = inputs
+    _, _, g, dw_sum, g_sum, denom = output
+    head = w is not None
+    ctx.cfg = dict(head=head, lead=tuple(x.shape[:-1]) if head else tuple(x.shape), D=x.shape[-1] if head else 1,
+                   reduction=reduction, loss_weight=float(loss_weight), need=(need_x, need_w, need_b),
+                   dtypes=(x.dtype, None if w is None else w.dtype, None if b is None else b.dtype))
+    # hidden is read again only for a per-token d head_weight
+    ctx.save_for_backward(g, dw_sum, g_sum, denom, w, x if (head and reduction == "none" and need_w) else None)
+
+
+def _rtd_backward(ctx, grad_loss, *_):
+    g, dw_sum, gsum, denom, w, x = ctx.saved_tensors
+    c = ctx.cfg
+    need_x, need_w, need_b = c["need"]
+    acc = g.dtype
+    dx = dw = db = None
+    none = (None,) * 8
+    if c["reduction"] == "none":
+        s = (grad_loss.to(acc) * c["loss_weight"]).reshape(-1).contiguous()
+    else:
+        s64 = grad_loss.to(torch.float64) * c["loss_weight"] / denom  # the scalar grads use it unrounded
+        s = s64.to(acc).reshape(1)
+    if not c["head"]:
+        if need_x:
+            dx = (g * (s if c["reduction"] == "none" else s[0])).to(c["dtypes"][0]).view(c["lead"])
+        return (dx, None, None) + none
+    per_token_dw = c["reduction"] == "none" and need_w
+    if need_x or per_token_dw:
+        dx_flat, dw_tok = torch.ops.pyobjectives_triton.rtd_loss_head_bwd(g, s, w, x, c["D"], c["dtypes"][0], need_x)
+        if need_x:
+            dx = dx_flat.view(c["lead"] + (c["D"],))
+        if per_token_dw:
+            dw = dw_tok.to(c["dtypes"][1])
+    if need_w and not per_token_dw:
+        dw = (dw_sum.to(torch.float64) * s64).to(c["dtypes"][1])
+    if need_b:
         if c["reduction"] == "none":
-            s = (grad_loss.to(acc) * c["loss_weight"]).reshape(-1).contiguous()
-            s_stride = 1
+            db = (g.to(torch.float64) * s).sum().to(c["dtypes"][2])
         else:
-            s64 = grad_loss.to(torch.float64) * c["loss_weight"] / denom  # the scalar grads use it unrounded
-            s = s64.to(acc).reshape(1)
-            s_stride = 0
-        T = c["T"]
-        if not c["head"]:
-            if need_x:
-                dx = (g * (s if s_stride else s[0])).to(c["dtypes"][0]).view(c["lead"])
-            return dx, None, None, None, None, None, None, None, None, None, None
-        D = c["D"]
-        per_token_dw = c["reduction"] == "none" and need_w
-        if need_x or per_token_dw:
-            dx_buf = new_output((T, D), c["dtypes"][0], g.device) if need_x else None
-            dwp_b = new_output((c["P"], D), acc, g.device) if per_token_dw else None
-            if T > 0:
-                sx0, sx1, sxd = c["strides"]
-                _rtd_bwd_kernel[(c["P"],)](
-                    g, s, s_stride, w, x if x is not None else g, dx_buf if dx_buf is not None else g,
-                    dwp_b if dwp_b is not None else g, T, c["L"], D, c["n_blocks"], sx0, sx1, sxd,
-                    DX=need_x, DW=per_token_dw, BLOCK_T=c["BLOCK_T"], BLOCK_D=c["BLOCK_D"],
-                    D_CHUNKS=c["n_chunks"], ACC=_TL[acc], INTERP=_interpreting(), num_warps=c["num_warps"])
-            elif dwp_b is not None:
-                dwp_b.zero_()
-            if need_x:
-                dx = dx_buf.view(c["lead"] + (D,))
-            if per_token_dw:
-                dw = dwp_b.sum(0).to(c["dtypes"][1])
-        if need_w and not per_token_dw:
-            dw = (dwp.sum(0).to(torch.float64) * s64).to(c["dtypes"][1])
-        if need_b:
-            if s_stride:
-                db = (g.to(torch.float64) * s).sum().to(c["dtypes"][2])
-            else:
-                db = (gsum[0] * s64).to(c["dtypes"][2])
-        return dx, dw, db, None, None, None, None, None, None, None, None
+            db = (gsum[0] * s64).to(c["dtypes"][2])
+    return (dx, dw, db) + none
+
+
+torch.library.register_autograd(OP_FWD, _rtd_backward, setup_context=_rtd_setup)
 
 
 _STAT_NAMES = ("accuracy", "precision", "recall", "replaced", "tokens")
@@ -430,8 +487,8 @@ def rtd_loss(logits_or_hidden, corrupted_ids, original_ids, attention_mask=None,
     grad = torch.is_grad_enabled()
     need = (grad and x.requires_grad, grad and w is not None and w.requires_grad,
             grad and b is not None and b.requires_grad)
-    loss, stats = _RTDLoss.apply(x, w, b, corrupted_ids, original_ids, attention_mask, float(loss_weight),
-                                 reduction, *need)
+    loss, stats, *_ = torch.ops.pyobjectives_triton.rtd_loss_fwd(
+        x, w, b, corrupted_ids, original_ids, attention_mask, float(loss_weight), reduction, *need)
     if not return_stats:
         return loss
-    return loss, dict(zip(_STAT_NAMES, stats.unbind(0)))
+    return loss, dict(zip(_STAT_NAMES, stats.detach().unbind(0)))  # metrics, not part of the graph

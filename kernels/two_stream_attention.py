@@ -871,7 +871,8 @@ def _t5_table(t5_bias, cfg, Lq, Lk, device):
 class _Launch:
     """Argument lists shared by the four kernels (order = COMMON / CONST blocks of the kernels)."""
 
-    def __init__(self, q, k, v, r, r_w_bias, r_r_bias, r_s_bias, seg_embed, q_g, target_pos, aux, cfg):
+    def __init__(self, q, k, v, r, r_w_bias, r_r_bias, r_s_bias, seg_embed, q_g, target_pos, aux, cfg, chunks=None):
+        """``chunks``: the forward's ``(sorted_rows, chunks [n, 4], chunk_ptr)``, reused by the backward."""
         B, Lq, H, D = q.shape
         Lk = k.shape[1]
         P = q_g.shape[1] if q_g is not None else 0
@@ -895,7 +896,12 @@ class _Launch:
             self.r_r = torch.einsum("bthd,hd->bht", r4.float(), r_r_bias.float()).contiguous()
         else:
             r4, r_r_bias, self.r_r = q, r_w_bias, self.w_k
-        if q_g is not None:
+        if q_g is not None and chunks is not None:
+            self.sorted_rows, self.chunks, self.chunk_ptr = chunks
+            self.n_chunks = self.chunks.shape[0]
+            if self.n_chunks == 0:  # the kernels take a pointer even when no program reads it
+                self.chunks = torch.zeros(1, 4, dtype=torch.int32, device=q.device)
+        elif q_g is not None:
             self.sorted_rows, self.chunks, self.chunk_ptr, self.n_chunks = _query_chunks(
                 target_pos, Lq, self.BM, self.BQ
             )
@@ -949,129 +955,223 @@ def _lse_buffers(B, H, L, device):
     return torch.empty(B, H, max(L, 1), dtype=torch.float32, device=device)
 
 
-class TwoStreamAttentionFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, r, r_w_bias, r_r_bias, q_g, r_s_bias, seg_embed, t5_bias, aux, cfg):
-        B, Lq, H, D = q.shape
-        P = q_g.shape[1] if q_g is not None else 0
-        if t5_bias is not None:
-            aux["t5_table"], aux["t5_bucket"] = _t5_table(t5_bias, cfg, Lq, k.shape[1], q.device)
-        else:
-            aux["t5_table"] = aux["t5_bucket"] = None
-        target_pos = aux["target_pos"]
-        launch = _Launch(q, k, v, r, r_w_bias, r_r_bias, r_s_bias, seg_embed, q_g, target_pos, aux, cfg)
-        out_h = new_output(q.shape, q.dtype, q.device)
-        lse_h = _lse_buffers(B, H, Lq, q.device)
+#: The op's arguments, in schema order (the native backend's ``pyobjectives::two_stream_attention_fwd`` order).
+_ARGS = ("q", "k", "v", "r", "r_w_bias", "r_r_bias", "q_g", "target_pos", "q_rank", "k_rank", "attn_mask",
+         "key_padding_mask", "causal", "seg_q", "seg_k", "seg_diff", "r_s_bias", "seg_embed", "t5_bias",
+         "t5_num_buckets", "t5_max_distance", "t5_bidirectional", "content_sees_self", "scale", "dropout_p", "seed",
+         "empty_uniform")
+_SCHEMA_ARGS = (
+    "Tensor q, Tensor k, Tensor v, Tensor? r, Tensor? r_w_bias, Tensor? r_r_bias, Tensor? q_g, Tensor? target_pos, "
+    "Tensor? q_rank, Tensor? k_rank, Tensor? attn_mask, Tensor? key_padding_mask, bool causal, Tensor? seg_q, "
+    "Tensor? seg_k, Tensor? seg_diff, Tensor? r_s_bias, Tensor? seg_embed, Tensor? t5_bias, int t5_num_buckets, "
+    "int t5_max_distance, bool t5_bidirectional, bool content_sees_self, float scale, float dropout_p, int seed, "
+    "bool empty_uniform"
+)
+#: The differentiable inputs and their index in the backward op's result.
+_GRAD_OF = {"q": 0, "k": 1, "v": 2, "r": 3, "r_w_bias": 4, "r_r_bias": 5, "q_g": 6, "r_s_bias": 7, "seg_embed": 8,
+            "t5_bias": 9}
+OP_FWD, OP_BWD = "pyobjectives_triton::two_stream_attention_fwd", "pyobjectives_triton::two_stream_attention_bwd"
+
+# The Triton launches are opaque registered ops (fake kernels below, autograd formula registered), so
+# torch.compile and torch.export see one op each and never run the launchers on fake tensors.
+_lib = torch.library.Library("pyobjectives_triton", "FRAGMENT")
+_lib.define(f"two_stream_attention_fwd({_SCHEMA_ARGS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+_lib.define(f"two_stream_attention_bwd(Tensor do_h, Tensor do_g, Tensor out_h, Tensor out_g, Tensor lse_h, "
+            f"Tensor lse_g, Tensor sorted_rows, Tensor chunks, Tensor chunk_ptr, {_SCHEMA_ARGS}) -> Tensor[]")
+
+
+def _aux_cfg(a):
+    """The kernels' auxiliary tensors and options from the op's named arguments."""
+    aux = {name: a[name] for name in ("target_pos", "q_rank", "k_rank", "attn_mask", "key_padding_mask", "seg_q",
+                                      "seg_k", "seg_diff")}
+    cfg = {name: a[name] for name in ("causal", "t5_num_buckets", "t5_max_distance", "t5_bidirectional",
+                                      "content_sees_self", "scale", "dropout_p", "seed")}
+    cfg["empty_rows"] = "uniform" if a["empty_uniform"] else "zero"
+    q, t5_bias = a["q"], a["t5_bias"]
+    if t5_bias is not None:
+        aux["t5_table"], aux["t5_bucket"] = _t5_table(t5_bias, cfg, q.shape[1], a["k"].shape[1], q.device)
+    else:
+        aux["t5_table"] = aux["t5_bucket"] = None
+    return aux, cfg
+
+
+def _launch(a, aux, cfg, chunks=None):
+    return _Launch(a["q"], a["k"], a["v"], a["r"], a["r_w_bias"], a["r_r_bias"], a["r_s_bias"], a["seg_embed"],
+                   a["q_g"], a["target_pos"], aux, cfg, chunks)
+
+
+@torch.library.register_kernel(OP_FWD, ("cpu", "cuda"))
+def _attention_fwd(*args):
+    """``(out_h, out_g, lse_h, lse_g, sorted_rows, chunks, chunk_ptr)``; the query-chunk layout is
+    returned so that the backward pass reuses it instead of sorting again (a second host sync)."""
+    a = dict(zip(_ARGS, args))
+    q, q_g, target_pos = a["q"], a["q_g"], a["target_pos"]
+    aux, cfg = _aux_cfg(a)
+    launch = _launch(a, aux, cfg)
+    B, Lq, H, D = q.shape
+    P = launch.P
+    out_h = new_output(q.shape, q.dtype, q.device)
+    lse_h = _lse_buffers(B, H, Lq, q.device)
+    if q_g is not None:
+        out_g = new_output(q_g.shape, q.dtype, q.device)
+        lse_g = _lse_buffers(B, H, P, q.device)
+        qg_args = (q_g, *q_g.stride())
+        og_args = (out_g, *out_g.stride())
+    else:
+        out_g, lse_g = q.new_empty(B, 0, H, D), lse_h.new_empty(B, H, 0)
+        qg_args, og_args = (q, *q.stride()), (out_h, *out_h.stride())
+    n_content = B * launch.n_mb
+    _fwd_kernel[(n_content + launch.n_chunks, H)](
+        launch.chunks, n_content, launch.n_mb, q, *q.stride(), *qg_args, out_h, *out_h.stride(), *og_args, lse_h,
+        *lse_h.stride()[:2], lse_g if q_g is not None else lse_h, *(lse_g if q_g is not None else lse_h).stride()[:2],
+        *launch.common, **launch.consts(),
+    )
+    if q_g is not None:
+        # padding rows (target_pos = -1) belong to no chunk
+        out_g.masked_fill_((target_pos < 0)[:, :, None, None], 0.0)
+    return out_h, out_g, lse_h, lse_g, launch.sorted_rows, launch.chunks[: launch.n_chunks], launch.chunk_ptr
+
+
+@torch.library.register_fake(OP_FWD)
+def _attention_fwd_fake(*args):
+    a = dict(zip(_ARGS, args))
+    q, q_g = a["q"], a["q_g"]
+    B, Lq, H, D = q.shape
+    i32, f32 = dict(dtype=torch.int32), dict(dtype=torch.float32)
+    if q_g is None:
+        return (q.new_empty(q.shape), q.new_empty(B, 0, H, D), q.new_empty(B, H, max(Lq, 1), **f32),
+                q.new_empty(B, H, 0, **f32), q.new_empty(B, 1, **i32), q.new_empty(0, 4, **i32),
+                q.new_empty(B + 1, **i32))
+    P = q_g.shape[1]
+    n_chunks = torch.library.get_ctx().new_dynamic_size()  # data-dependent: how target_pos falls into blocks
+    return (q.new_empty(q.shape), q.new_empty(q_g.shape), q.new_empty(B, H, max(Lq, 1), **f32),
+            q.new_empty(B, H, max(P, 1), **f32), q.new_empty(B, P, **i32), q.new_empty(n_chunks, 4, **i32),
+            q.new_empty(B + 1, **i32))
+
+
+def _attention_setup(ctx, inputs, output):
+    is_tensor = [isinstance(x, torch.Tensor) for x in inputs]
+    ctx.is_tensor = is_tensor
+    ctx.scalars = [None if t else x for t, x in zip(is_tensor, inputs)]
+    ctx.save_for_backward(*[x for x, t in zip(inputs, is_tensor) if t], *output)
+
+
+def _attention_backward(ctx, do_h, do_g, *_):
+    saved = list(ctx.saved_tensors)
+    out = saved[-7:]
+    tensors = iter(saved[:-7])
+    args = [next(tensors) if t else s for t, s in zip(ctx.is_tensor, ctx.scalars)]
+    out_h, out_g = out[0], out[1]
+    do_h = torch.zeros_like(out_h) if do_h is None else do_h
+    do_g = torch.zeros_like(out_g) if do_g is None else do_g
+    grads = torch.ops.pyobjectives_triton.two_stream_attention_bwd(do_h, do_g, *out, *args)
+    named = dict(zip(_ARGS, args))
+    return tuple(grads[_GRAD_OF[name]] if name in _GRAD_OF and named[name] is not None else None for name in _ARGS)
+
+
+torch.library.register_autograd(OP_FWD, _attention_backward, setup_context=_attention_setup)
+
+
+@torch.library.register_fake(OP_BWD)
+def _attention_bwd_fake(do_h, do_g, out_h, out_g, lse_h, lse_g, sorted_rows, chunks, chunk_ptr, *args):
+    a = dict(zip(_ARGS, args))
+    q = a["q"]
+    like = lambda t: q.new_empty(0) if t is None else t.new_empty(t.shape)  # noqa: E731
+    segments = a["r_s_bias"] is not None
+    return [like(q), like(a["k"]), like(a["v"]), like(a["r"]), like(a["r_w_bias"]), like(a["r_r_bias"]),
+            like(a["q_g"]), like(a["r_s_bias"]) if segments else like(None),
+            like(a["seg_embed"]) if segments else like(None), like(a["t5_bias"])]
+
+
+@torch.library.register_kernel(OP_BWD, ("cpu", "cuda"))
+def _attention_bwd(do_h, do_g, out_h, out_g, lse_h, lse_g, sorted_rows, chunks, chunk_ptr, *args):
+    """Gradients of every differentiable input, in ``_GRAD_OF`` order (empty tensors for absent inputs)."""
+    a = dict(zip(_ARGS, args))
+    aux, cfg = _aux_cfg(a)
+    launch = _launch(a, aux, cfg, chunks=(sorted_rows, chunks, chunk_ptr))
+    q, k, v, r, r_w_bias, r_r_bias, q_g, r_s_bias, seg_embed, t5_bias = (
+        a[name] for name in ("q", "k", "v", "r", "r_w_bias", "r_r_bias", "q_g", "r_s_bias", "seg_embed", "t5_bias"))
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    dev = q.device
+    delta_h = (do_h.float() * out_h.float()).sum(-1).transpose(1, 2).contiguous()
+    if q_g is not None:
+        delta_g = (do_g.float() * out_g.float()).sum(-1).transpose(1, 2).contiguous()
+        g_rows = (q_g, *q_g.stride(), do_g, *do_g.stride(), lse_g, delta_g, *lse_g.stride()[:2])
+    else:
+        delta_g = delta_h
+    h_rows = (q, *q.stride(), do_h, *do_h.stride(), lse_h, delta_h, *lse_h.stride()[:2])
+    if q_g is None:
+        g_rows = h_rows
+    consts = launch.consts()
+    n_content = B * launch.n_mb
+    n_prog = n_content + launch.n_chunks
+
+    dq = new_output(q.shape, q.dtype, dev)
+    dq_g = new_output(q_g.shape, q.dtype, dev) if q_g is not None else dq
+    has_seg = r_s_bias is not None
+    de_h = torch.zeros(B, H, Lq, 2, dtype=torch.float32, device=dev)
+    de_g = torch.zeros(B, H, max(launch.P, 1), 2, dtype=torch.float32, device=dev)
+    bias_part = torch.empty(n_prog, H, 2, launch.BD, dtype=torch.float32, device=dev)
+    _dq_kernel[(n_prog, H)](
+        launch.chunks, n_content, launch.n_mb, *h_rows, *g_rows, dq, *dq.stride(), dq_g, *dq_g.stride(), de_h,
+        *de_h.stride()[:2], de_g, *de_g.stride()[:2], bias_part, *launch.common, **consts,
+    )
+
+    dk = new_output(k.shape, k.dtype, dev)
+    dv = new_output(v.shape, v.dtype, dev)
+    _dkdv_kernel[lambda meta: (triton.cdiv(Lk, meta["BN"]), B * H)](
+        launch.chunks, launch.chunk_ptr, launch.n_mb, *h_rows, *g_rows, dk, *dk.stride(), dv, *dv.stride(),
+        *launch.common, **consts,
+    )
+
+    # dr (and the per-distance T5 gradient): one program per block diagonal, BN = BM
+    dr = dt_part = None
+    if r is not None or t5_bias is not None:
+        n_nb = triton.cdiv(Lk, launch.BM)
+        n_diag = launch.n_mb + n_nb - 1
+        consts_r = launch.consts_dr()
+        band = consts_r["BAND"]
+        dr_part = torch.empty(B, H, n_diag, band, launch.BD, dtype=torch.float32, device=dev)
+        dt_part = torch.empty(B, H, n_diag, band, dtype=torch.float32, device=dev)
+        _dr_kernel[(n_diag, B * H)](
+            launch.chunks, launch.chunk_ptr, launch.n_mb, n_nb, *h_rows, *g_rows, dr_part, dt_part,
+            *launch.common, **consts_r,
+        )
+    if r is not None:
+        dr_rows, first_row = _combine_bands(dr_part, launch.BM, launch.n_mb, Lq)
+        dr_full = _rows_window(dr_rows, first_row, 0, r.shape[-3])[..., :D]  # [B, H, R, D]
+        dr = dr_full.permute(0, 2, 1, 3)
+        dr = (dr.sum(0) if r.dim() == 3 else dr).to(r.dtype)
+
+    if q_g is not None:
+        dq_g.masked_fill_((aux["target_pos"] < 0)[:, :, None, None], 0.0)
+    sums = bias_part.sum(0)[..., :D]  # [H, 2, D]
+    d_rw = sums[:, 0].to(r_w_bias.dtype) if r_w_bias is not None else None
+    d_rr = sums[:, 1].to(r_r_bias.dtype) if r_r_bias is not None else None
+    d_rs = d_se = None
+    if has_seg:
+        # ef = (q + r_s_bias) . seg_embed[s]: per-row dE_s gives both gradients
+        se = seg_embed.float()
+        qs_h = q.float() + r_s_bias.float()
+        d_se = torch.einsum("bhis,bihd->shd", de_h, qs_h)
+        tot = de_h.sum((0, 2))
         if q_g is not None:
-            out_g = new_output(q_g.shape, q.dtype, q.device)
-            lse_g = _lse_buffers(B, H, P, q.device)
-            qg_args = (q_g, *q_g.stride())
-            og_args = (out_g, *out_g.stride())
-        else:
-            out_g, lse_g = None, lse_h
-            qg_args, og_args = (q, *q.stride()), (out_h, *out_h.stride())
-        n_content = B * launch.n_mb
-        _fwd_kernel[(n_content + launch.n_chunks, H)](
-            launch.chunks, n_content, launch.n_mb, q, *q.stride(), *qg_args, out_h, *out_h.stride(), *og_args, lse_h,
-            *lse_h.stride()[:2], lse_g, *lse_g.stride()[:2], *launch.common, **launch.consts(),
-        )
-        if q_g is not None:
-            # padding rows (target_pos = -1) belong to no chunk
-            out_g.masked_fill_((target_pos < 0)[:, :, None, None], 0.0)
-        ctx.save_for_backward(
-            q, k, v, r, r_w_bias, r_r_bias, q_g, r_s_bias, seg_embed, t5_bias, out_h, out_g, lse_h,
-            lse_g if q_g is not None else None,
-        )
-        ctx.aux, ctx.cfg, ctx.launch = aux, cfg, launch
-        return out_h, out_g
-
-    @staticmethod
-    def backward(ctx, do_h, do_g):
-        q, k, v, r, r_w_bias, r_r_bias, q_g, r_s_bias, seg_embed, t5_bias, out_h, out_g, lse_h, lse_g = (
-            ctx.saved_tensors
-        )
-        aux, cfg, launch = ctx.aux, ctx.cfg, ctx.launch
-        B, Lq, H, D = q.shape
-        Lk = k.shape[1]
-        dev = q.device
-        do_h = torch.zeros_like(out_h) if do_h is None else do_h
-        delta_h = (do_h.float() * out_h.float()).sum(-1).transpose(1, 2).contiguous()
-        if q_g is not None:
-            do_g = torch.zeros_like(out_g) if do_g is None else do_g
-            delta_g = (do_g.float() * out_g.float()).sum(-1).transpose(1, 2).contiguous()
-            g_rows = (q_g, *q_g.stride(), do_g, *do_g.stride(), lse_g, delta_g, *lse_g.stride()[:2])
-        else:
-            delta_g = delta_h
-        h_rows = (q, *q.stride(), do_h, *do_h.stride(), lse_h, delta_h, *lse_h.stride()[:2])
-        if q_g is None:
-            g_rows = h_rows
-        consts = launch.consts()
-        n_content = B * launch.n_mb
-        n_prog = n_content + launch.n_chunks
-
-        dq = new_output(q.shape, q.dtype, dev)
-        dq_g = new_output(q_g.shape, q.dtype, dev) if q_g is not None else dq
-        has_seg = r_s_bias is not None
-        de_h = torch.zeros(B, H, Lq, 2, dtype=torch.float32, device=dev)
-        de_g = torch.zeros(B, H, max(launch.P, 1), 2, dtype=torch.float32, device=dev)
-        bias_part = torch.empty(n_prog, H, 2, launch.BD, dtype=torch.float32, device=dev)
-        _dq_kernel[(n_prog, H)](
-            launch.chunks, n_content, launch.n_mb, *h_rows, *g_rows, dq, *dq.stride(), dq_g, *dq_g.stride(), de_h,
-            *de_h.stride()[:2], de_g, *de_g.stride()[:2], bias_part, *launch.common, **consts,
-        )
-
-        dk = new_output(k.shape, k.dtype, dev)
-        dv = new_output(v.shape, v.dtype, dev)
-        _dkdv_kernel[lambda meta: (triton.cdiv(Lk, meta["BN"]), B * H)](
-            launch.chunks, launch.chunk_ptr, launch.n_mb, *h_rows, *g_rows, dk, *dk.stride(), dv, *dv.stride(),
-            *launch.common, **consts,
-        )
-
-        # dr (and the per-distance T5 gradient): one program per block diagonal, BN = BM
-        dr = dt_part = None
-        if r is not None or t5_bias is not None:
-            n_nb = triton.cdiv(Lk, launch.BM)
-            n_diag = launch.n_mb + n_nb - 1
-            consts_r = launch.consts_dr()
-            band = consts_r["BAND"]
-            dr_part = torch.empty(B, H, n_diag, band, launch.BD, dtype=torch.float32, device=dev)
-            dt_part = torch.empty(B, H, n_diag, band, dtype=torch.float32, device=dev)
-            _dr_kernel[(n_diag, B * H)](
-                launch.chunks, launch.chunk_ptr, launch.n_mb, n_nb, *h_rows, *g_rows, dr_part, dt_part,
-                *launch.common, **consts_r,
-            )
-        if r is not None:
-            dr_rows, first_row = _combine_bands(dr_part, launch.BM, launch.n_mb, Lq)
-            dr_full = _rows_window(dr_rows, first_row, 0, r.shape[-3])[..., :D]  # [B, H, R, D]
-            dr = dr_full.permute(0, 2, 1, 3)
-            dr = (dr.sum(0) if r.dim() == 3 else dr).to(r.dtype)
-
-        if q_g is not None:
-            dq_g.masked_fill_((aux["target_pos"] < 0)[:, :, None, None], 0.0)
-        sums = bias_part.sum(0)[..., :D]  # [H, 2, D]
-        d_rw = sums[:, 0].to(r_w_bias.dtype) if r_w_bias is not None else None
-        d_rr = sums[:, 1].to(r_r_bias.dtype) if r_r_bias is not None else None
-        d_rs = d_se = None
-        if has_seg:
-            # ef = (q + r_s_bias) . seg_embed[s]: per-row dE_s gives both gradients
-            se = seg_embed.float()
-            qs_h = q.float() + r_s_bias.float()
-            d_se = torch.einsum("bhis,bihd->shd", de_h, qs_h)
-            tot = de_h.sum((0, 2))
-            if q_g is not None:
-                valid = (aux["target_pos"] >= 0)[:, None, :, None]
-                de_g_valid = de_g[:, :, : launch.P] * valid
-                d_se = d_se + torch.einsum("bhis,bihd->shd", de_g_valid, q_g.float() + r_s_bias.float())
-                tot = tot + de_g_valid.sum((0, 2))
-            d_rs = (tot[:, 0, None] * se[0] + tot[:, 1, None] * se[1]).to(r_s_bias.dtype)
-            d_se = d_se.to(seg_embed.dtype)
-        d_t5 = None
-        if t5_bias is not None:
-            dt_rows, first_t = _combine_bands(dt_part[..., None], launch.BM, launch.n_mb, Lq)
-            d_rel = _rows_window(dt_rows, first_t, 1, Lq + Lk)[..., 0].sum(0)  # [H, Lq + Lk - 1], index t - 1
-            one_hot = torch.nn.functional.one_hot(aux["t5_bucket"], cfg["t5_num_buckets"]).float()
-            d_t5 = (one_hot.t() @ d_rel.t()).to(t5_bias.dtype)
-        return (dq, dk, dv, dr, d_rw, d_rr, dq_g if q_g is not None else None, d_rs, d_se, d_t5, None, None)
+            valid = (aux["target_pos"] >= 0)[:, None, :, None]
+            de_g_valid = de_g[:, :, : launch.P] * valid
+            d_se = d_se + torch.einsum("bhis,bihd->shd", de_g_valid, q_g.float() + r_s_bias.float())
+            tot = tot + de_g_valid.sum((0, 2))
+        d_rs = (tot[:, 0, None] * se[0] + tot[:, 1, None] * se[1]).to(r_s_bias.dtype)
+        d_se = d_se.to(seg_embed.dtype)
+    d_t5 = None
+    if t5_bias is not None:
+        dt_rows, first_t = _combine_bands(dt_part[..., None], launch.BM, launch.n_mb, Lq)
+        d_rel = _rows_window(dt_rows, first_t, 1, Lq + Lk)[..., 0].sum(0)  # [H, Lq + Lk - 1], index t - 1
+        one_hot = torch.nn.functional.one_hot(aux["t5_bucket"], cfg["t5_num_buckets"]).float()
+        d_t5 = (one_hot.t() @ d_rel.t()).to(t5_bias.dtype)
+    empty = q.new_empty(0)
+    return [empty if g is None else g for g in (dq, dk, dv, dr, d_rw, d_rr, dq_g if q_g is not None else None,
+                                                 d_rs, d_se, d_t5)]
 
 
 def _combine_bands(part, BM, n_mb, Lq):
@@ -1106,13 +1206,10 @@ def two_stream_attention(
     content_sees_self=True, scale=None, dropout_p=0.0, seed=None, empty_rows="zero",
 ):
     """Triton backend of :func:`pyobjectives.two_stream_attention` (arguments validated there)."""
-    aux = dict(
-        target_pos=target_pos, q_rank=q_rank, k_rank=k_rank, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
-        seg_q=seg_q, seg_k=seg_k, seg_diff=seg_diff,
-    )
-    cfg = dict(
-        causal=causal, t5_num_buckets=t5_num_buckets, t5_max_distance=t5_max_distance,
-        t5_bidirectional=t5_bidirectional, content_sees_self=content_sees_self, scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else scale,
-        dropout_p=dropout_p, seed=seed, empty_rows=empty_rows,
-    )
-    return TwoStreamAttentionFn.apply(q, k, v, r, r_w_bias, r_r_bias, q_g, r_s_bias, seg_embed, t5_bias, aux, cfg)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out_h, out_g, *_ = torch.ops.pyobjectives_triton.two_stream_attention_fwd(
+        q, k, v, r, r_w_bias, r_r_bias, q_g, target_pos, q_rank, k_rank, attn_mask, key_padding_mask, bool(causal),
+        seg_q, seg_k, seg_diff, r_s_bias, seg_embed, t5_bias, int(t5_num_buckets), int(t5_max_distance),
+        bool(t5_bidirectional), bool(content_sees_self), scale, float(dropout_p), int(seed) if dropout_p > 0 else 0,
+        empty_rows == "uniform")
+    return out_h, (out_g if q_g is not None else None)

@@ -20,6 +20,7 @@ call; a mismatch takes it out of dispatch for that op with the reason.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -106,8 +107,29 @@ class Backend:
     def implementation(self, op: str) -> Callable[..., Any]:
         impl = self.ops[op]
         if impl.loaded is None:
-            impl.loaded = impl.loader()
+            impl.loaded = _autocast_neutral(impl.loader())
         return impl.loaded
+
+
+def _autocast_neutral(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Every backend computes in the dtype of its inputs, with autocast off inside.
+
+    Without this, autocast would re-cast the tensor math *inside* an implementation (the
+    reference's products, the Triton launcher's fp32 bias products) while the native kernels
+    ignore it, so a result under autocast would depend on the backend. Under autocast the
+    inputs usually arrive in the lower precision already (from autocast-ed projections);
+    the fused kernels then accumulate in fp32 and return the input dtype.
+    """
+    if fn is None:
+        return fn
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")):
+            return fn(*args, **kwargs)
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+    return run
 
 
 def _tensors(inputs: Mapping[str, Any]):

@@ -93,7 +93,12 @@ class TwoStreamRelativeAttention(nn.Module):
     ``attn_mask_g`` with the diagonal unmasked), which lets both streams run in
     one call. A one-hot ``target_mapping`` becomes ``target_pos`` (the query
     stream then costs P rows, not Lq); any other mapping is applied as HF does,
-    by scattering to all Lq rows. ``output_attentions=True`` runs the reference.
+    by scattering to all Lq rows. Telling the two apart reads the mapping's
+    values, so while being traced (``torch.compile``, ``torch.export``) or
+    captured in a CUDA graph, where values cannot be read, every mapping takes
+    HF's scattering path: the same result (a one-hot scatter and gather copy
+    rows exactly), the query stream then costing Lq rows instead of P.
+    ``output_attentions=True`` runs the reference.
     ``empty_rows="uniform"`` (default) reproduces HF on fully masked rows, gradient
     included. One HF artefact is not reproduced: with ``attn_type="uni"`` HF's
     ``rel_shift`` reads a neighbouring row's position scores for masked pairs;
@@ -171,7 +176,9 @@ class TwoStreamRelativeAttention(nn.Module):
         scattered = False
         if g is not None:
             q_g = self._project(g, self.q)
-            target_pos = None if target_mapping is None or output_attentions else target_positions(target_mapping)
+            target_pos = None
+            if target_mapping is not None and not output_attentions and check.values_checkable(target_mapping):
+                target_pos = target_positions(target_mapping)
             if target_mapping is not None and target_pos is None:
                 q_g = torch.einsum("mbnd,mlb->lbnd", q_g, target_mapping)
                 scattered = True
