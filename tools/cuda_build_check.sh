@@ -45,7 +45,7 @@ echo "--- linked CUDA libraries (ldd; torch's own libraries are found once torch
 ldd "$so" | grep -E "cudart|c10_cuda|torch_cuda" || { echo "cuda-build-check FAILED: not linked against CUDA"; exit 1; }
 echo "--- CUDA launchers defined in the extension (nm -D)"
 symbols=$(nm -D --defined-only -C "$so")
-grep -E "pyobjectives::cuda::" <<<"$symbols" | sed 's/^[0-9a-f]* T /  /'
+grep -E " T pyobjectives::cuda::[a-z_]+\(" <<<"$symbols" | sed "s/^[0-9a-f]* T /  /"
 for sym in rtd_loss_forward rtd_loss_head_backward linear_cross_entropy_chunk philox_uniform t5_bucket; do
   grep -qF "pyobjectives::cuda::$sym(" <<<"$symbols" \
     || { echo "cuda-build-check FAILED: pyobjectives::cuda::$sym missing"; exit 1; }
