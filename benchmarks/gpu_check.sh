@@ -8,7 +8,11 @@
 # <device>_<date>.json (pytest-benchmark's JSON) / .csv / .md plus up to 4 PNGs. Sized for < 8 minutes on an H100.
 # Environment (all optional):
 #   BENCH_GIT_SHA      commit to record (the device copy of the tree has no .git); default: git, else "unknown"
-#   GPU_TESTS          pytest targets (default: the Triton, Philox, XLNet-patch and ElectraObjective tests)
+#   GPU_TESTS          pytest targets (default: the CUDA, Triton, Philox, XLNet-patch and ElectraObjective tests)
+#   CUTLASS_WHEEL_DIR  folder holding the carried nvidia-cutlass wheel (default .whl; the machine has no network):
+#                        here: python3 -m pip download --no-deps nvidia-cutlass==4.2.0.0 -d .whl
+#                        and name ".whl" in the device tool's carry
+#   TORCH_CUDA_ARCH_LIST, MAX_JOBS   of the extension build (default 9.0 and 16: under 3 minutes there)
 #   GPU_TEST_K         pytest -k expression (default: none)
 #   GPU_TEST_TIMEOUT   seconds for the test step (default 120)
 #   BENCH_MAX_MINUTES  soft limit of the suite: providers not started by then are skipped, with that reason (4)
@@ -27,16 +31,33 @@ if [ -z "${BENCH_GIT_SHA:-}" ]; then
   BENCH_GIT_SHA=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 fi
 export BENCH_GIT_SHA
-GPU_TESTS=${GPU_TESTS:-"tests/test_triton_attention.py tests/test_triton_electra.py tests/test_philox.py tests/test_xlnet_patch.py tests/test_electra_objective.py"}
+GPU_TESTS=${GPU_TESTS:-"tests/test_cuda.py tests/test_triton_attention.py tests/test_triton_electra.py tests/test_philox.py tests/test_xlnet_patch.py tests/test_electra_objective.py"}
 
 main() {
   local t0 status=0
   t0=$(date +%s)
   step() { echo; echo "=== $* [$(( $(date +%s) - t0 )) s]"; }
 
-  step "install (no network): pip install --no-build-isolation --no-deps -e ."
-  $PY -m pip install --no-build-isolation --no-deps --no-cache-dir -e . 2>&1 | tail -n 5 \
+  step "build the extension with its CUDA kernels (no network): pip install --no-build-isolation --no-deps -e ."
+  export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+  if [ -z "${CUTLASS_INCLUDE:-}" ] && ! $PY -c "import importlib.util as u, sys; sys.exit(u.find_spec('cutlass_library') is None)"; then
+    # the headers only: unpack them from the carried wheel
+    local whl
+    whl=$(ls "${CUTLASS_WHEEL_DIR:-.whl}"/nvidia_cutlass-*.whl 2>/dev/null | head -n 1)
+    if [ -n "$whl" ]; then
+      $PY -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); \
+z.extractall('/tmp/cutlass', [n for n in z.namelist() if n.startswith('cutlass_library/source/include/')])" "$whl"
+      export CUTLASS_INCLUDE=/tmp/cutlass/cutlass_library/source/include
+    else
+      echo "no CUTLASS headers (no nvidia_cutlass wheel in ${CUTLASS_WHEEL_DIR:-.whl}): the attention kernels are left out"
+    fi
+  fi
+  local b0=$(date +%s)
+  $PY -m pip install -v --no-build-isolation --no-deps --no-cache-dir -e . 2>&1 | tail -n 30 \
     || { echo "install FAILED; continuing from the source tree (PYTHONPATH)"; status=1; }
+  echo "build: $(( $(date +%s) - b0 )) s (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS)"
+  $PY -c "import pyobjectives._C as C; print('pyobjectives._C: cuda_built', C.cuda_built(), \
+'cuda_attention_built', C.cuda_attention_built())" || status=1
 
   step "machine and versions"
   nvidia-smi || status=1

@@ -1,5 +1,7 @@
 // The one torch boundary of pyobjectives._C: op schemas, argument checks naming the tensor, and the
-// CPU implementations that turn tensors into params structs for the kernels in cpu/.
+// CPU and CUDA implementations that turn tensors into params structs for the kernels in cpu/ and
+// cuda/ (the CUDA ones under PYOBJECTIVES_WITH_CUDA; the attention ones also need
+// PYOBJECTIVES_CUDA_ATTENTION, defined by setup.py when the attention kernel sources exist).
 //
 // Autograd and fake (meta) implementations are registered from Python (pyobjectives/native.py), so
 // torch.compile traces these ops without a graph break.
@@ -16,11 +18,21 @@
 #include "pyobjectives/device_math.h"
 #include "pyobjectives/params.h"
 
+#ifdef PYOBJECTIVES_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "cuda/launchers.h"
+#endif
+
 namespace po = pyobjectives;
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
 #define CHECK_DEVICE(x, dev) TORCH_CHECK((x).device() == (dev), #x " must be on ", (dev), ", got ", (x).device())
+#define CHECK_OPT_DEVICE(x, dev)                                                                 \
+  TORCH_CHECK(!(x).has_value() || (x)->device() == (dev), #x " must be on ", (dev), ", got ", (x)->device())
 #define CHECK_DIM(x, n) TORCH_CHECK((x).dim() == (n), #x " must have ", (n), " dimensions, got shape ", (x).sizes())
 #define CHECK_SHAPE(x, ...)                                                                          \
   TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), #x " must have shape (" #__VA_ARGS__ \
@@ -70,6 +82,26 @@ po::Strided4 strided4(const Tensor& t) {
 
 Tensor f32c(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
+// The T5 bucket of every relative distance key - query_pos = i - (Lq - 1) - M, i < Lq + Lk - 1, built
+// where the kernels run (on a GPU by a kernel: no host-to-device copy to wait for).
+Tensor t5_bucket_table(int64_t Lq, int64_t Lk, bool bidirectional, int64_t num_buckets, int64_t max_distance,
+                       at::Device dev) {
+  const int64_t n_dist = Lq + Lk - 1, first = -(Lq - 1) - (Lk - Lq);
+#ifdef PYOBJECTIVES_WITH_CUDA
+  if (dev.is_cuda()) {
+    Tensor rel = at::arange(first, first + n_dist, at::TensorOptions().dtype(at::kLong).device(dev));
+    Tensor out = at::empty_like(rel);
+    po::cuda::t5_bucket(rel.data_ptr<int64_t>(), n_dist, bidirectional, num_buckets, max_distance,
+                        out.data_ptr<int64_t>(), at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return out;
+  }
+#endif
+  std::vector<int64_t> bucket(n_dist);
+  for (int64_t i = 0; i < n_dist; ++i) bucket[i] = po::t5_bucket(first + i, bidirectional, num_buckets, max_distance);
+  return at::tensor(bucket, at::TensorOptions().dtype(at::kLong));
+}
+
 // Everything the attention kernels read, converted once per call (O(B*L) or O(H*D) each).
 struct AttentionInputs {
   po::AttentionParams p;
@@ -102,6 +134,19 @@ AttentionInputs attention_inputs(const Tensor& q, const Tensor& k, const Tensor&
     CHECK_DTYPE(*t, q.scalar_type());
     CHECK_DEVICE(*t, dev);
   }
+  CHECK_OPT_DEVICE(r_w_bias, dev);
+  CHECK_OPT_DEVICE(r_r_bias, dev);
+  CHECK_OPT_DEVICE(target_pos, dev);
+  CHECK_OPT_DEVICE(q_rank, dev);
+  CHECK_OPT_DEVICE(k_rank, dev);
+  CHECK_OPT_DEVICE(attn_mask, dev);
+  CHECK_OPT_DEVICE(key_padding_mask, dev);
+  CHECK_OPT_DEVICE(seg_q, dev);
+  CHECK_OPT_DEVICE(seg_k, dev);
+  CHECK_OPT_DEVICE(seg_diff, dev);
+  CHECK_OPT_DEVICE(r_s_bias, dev);
+  CHECK_OPT_DEVICE(seg_embed, dev);
+  CHECK_OPT_DEVICE(t5_bias, dev);
   int64_t R = 0;
   if (r.has_value()) {
     TORCH_CHECK(r->dim() == 3 || r->dim() == 4, "r must have shape [R, H, D] or [B, R, H, D], got ", r->sizes());
@@ -197,11 +242,7 @@ AttentionInputs attention_inputs(const Tensor& q, const Tensor& k, const Tensor&
     TORCH_CHECK(t5_num_buckets >= (t5_bidirectional ? 4 : 2), "t5_num_buckets too small: ", t5_num_buckets);
     TORCH_CHECK(t5_max_distance > t5_num_buckets / (t5_bidirectional ? 4 : 2),
                 "t5_max_distance must exceed the exact-bucket range, got ", t5_max_distance);
-    const int64_t n_dist = Lq + Lk - 1;
-    std::vector<int64_t> bucket(n_dist);
-    for (int64_t i = 0; i < n_dist; ++i)  // index i: key - query_pos = i - (Lq - 1) - M
-      bucket[i] = po::t5_bucket(i - (Lq - 1) - (Lk - Lq), t5_bidirectional, t5_num_buckets, t5_max_distance);
-    in.t5_bucket = at::tensor(bucket, at::TensorOptions().dtype(at::kLong));
+    in.t5_bucket = t5_bucket_table(Lq, Lk, t5_bidirectional, t5_num_buckets, t5_max_distance, dev);
     Tensor table = f32c(*t5_bias).index_select(0, in.t5_bucket).t().contiguous();  // [H, n_dist]
     p.t5_dist = keep(table).data_ptr<float>();
   }
@@ -226,7 +267,9 @@ AttentionInputs attention_inputs(const Tensor& q, const Tensor& k, const Tensor&
       seg_k, seg_diff, r_s_bias, seg_embed, t5_bias, t5_num_buckets, t5_max_distance, t5_bidirectional,           \
       content_sees_self, scale, dropout_p, seed, empty_uniform
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> two_stream_attention_fwd_cpu(ATTENTION_ARGS) {
+// Allocates the outputs and hands them to run(inputs, outputs): the CPU kernel or the CUDA launcher.
+template <typename Run>
+std::tuple<Tensor, Tensor, Tensor, Tensor> attention_fwd(ATTENTION_ARGS, Run&& run) {
   AttentionInputs in = attention_inputs(ATTENTION_NAMES);
   const po::AttentionParams& p = in.p;
   const auto opts = q.options();
@@ -238,13 +281,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> two_stream_attention_fwd_cpu(ATTENTIO
   po::AttentionForward f;
   f.out_h = strided4(out_h), f.out_g = strided4(out_g);
   f.lse_h = lse_h.data_ptr<float>(), f.lse_g = lse_g.data_ptr<float>();
-  po::cpu::two_stream_attention_forward(p, f);
+  run(in, f);
   return {out_h, out_g, lse_h, lse_g};
 }
 
-std::vector<Tensor> two_stream_attention_bwd_cpu(const Tensor& do_h, const Tensor& do_g, const Tensor& out_h,
-                                                 const Tensor& out_g, const Tensor& lse_h, const Tensor& lse_g,
-                                                 ATTENTION_ARGS) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> two_stream_attention_fwd_cpu(ATTENTION_ARGS) {
+  return attention_fwd(ATTENTION_NAMES, [](const AttentionInputs& in, const po::AttentionForward& f) {
+    po::cpu::two_stream_attention_forward(in.p, f);
+  });
+}
+
+#define ATTENTION_BWD_ARGS                                                                                 \
+  const Tensor &do_h, const Tensor &do_g, const Tensor &out_h, const Tensor &out_g, const Tensor &lse_h, \
+      const Tensor &lse_g, ATTENTION_ARGS
+#define ATTENTION_BWD_NAMES do_h, do_g, out_h, out_g, lse_h, lse_g, ATTENTION_NAMES
+
+// Allocates the gradients, hands them to run(inputs, grads), then sums the per-(batch, head) partials
+// over the batch in a fixed order (the same for both devices).
+template <typename Run>
+std::vector<Tensor> attention_bwd(ATTENTION_BWD_ARGS, Run&& run) {
   AttentionInputs in = attention_inputs(ATTENTION_NAMES);
   const po::AttentionParams& p = in.p;
   CHECK_SHAPE(do_h, p.B, p.Lq, p.H, p.D);
@@ -253,6 +308,7 @@ std::vector<Tensor> two_stream_attention_bwd_cpu(const Tensor& do_h, const Tenso
   CHECK_SHAPE(out_g, p.B, p.P, p.H, p.D);
   CHECK_SHAPE(lse_h, p.B, p.H, p.Lq);
   CHECK_SHAPE(lse_g, p.B, p.H, p.P);
+  for (const Tensor* t : {&do_h, &do_g, &out_h, &out_g, &lse_h, &lse_g}) CHECK_DEVICE(*t, q.device());
   for (const Tensor* t : {&do_h, &do_g, &out_h, &out_g}) CHECK_DTYPE(*t, q.scalar_type());
   CHECK_DTYPE(lse_h, at::kFloat);
   CHECK_DTYPE(lse_g, at::kFloat);
@@ -273,7 +329,7 @@ std::vector<Tensor> two_stream_attention_bwd_cpu(const Tensor& do_h, const Tenso
   g.dbias = dbias.data_ptr<float>();
   g.dseg = p.has_segments() ? dseg.data_ptr<float>() : nullptr;
   g.dt5_dist = p.t5_dist != nullptr ? dt5.data_ptr<float>() : nullptr;
-  po::cpu::two_stream_attention_backward(p, g);
+  run(in, g);
 
   // Per-(batch, head) partials to the callers' layouts; batch sums in a fixed order.
   const auto dt = q.scalar_type();
@@ -298,6 +354,12 @@ std::vector<Tensor> two_stream_attention_bwd_cpu(const Tensor& do_h, const Tenso
     d_t5 = at::mm(one_hot.t(), dt5.sum(0).t()).to(t5_bias->scalar_type()).contiguous();
   }
   return {dq, dk_out, dv_out, dr_out, d_rw, d_rr, dq_g, d_rs, d_se, d_t5};
+}
+
+std::vector<Tensor> two_stream_attention_bwd_cpu(ATTENTION_BWD_ARGS) {
+  return attention_bwd(ATTENTION_BWD_NAMES, [](const AttentionInputs& in, const po::AttentionBackward& g) {
+    po::cpu::two_stream_attention_backward(in.p, g);
+  });
 }
 
 // ---- RTD ----
@@ -326,7 +388,8 @@ po::RTDParams rtd_params(const Tensor& x, const OptTensor& head_weight, const Op
     p.head_weight = keep.emplace_back(f32c(*head_weight)).data_ptr<float>();
     if (head_bias.has_value()) {
       TORCH_CHECK(head_bias->numel() == 1, "head_bias must be a scalar tensor, got shape ", head_bias->sizes());
-      p.head_bias = head_bias->item<float>();
+      if (x.is_cuda()) p.head_bias_dev = keep.emplace_back(f32c(*head_bias).reshape({1})).data_ptr<float>();
+      else p.head_bias = head_bias->item<float>();
     }
   }
   p.corrupted = keep.emplace_back(corrupted_ids.to(at::kLong).contiguous()).data_ptr<int64_t>();
@@ -347,6 +410,21 @@ po::RTDParams rtd_params(const Tensor& x, const OptTensor& head_weight, const Op
   }
   p.loss_weight = float(loss_weight);
   return p;
+}
+
+// Loss (mean / sum) and statistics from the float64 sums; device ops only (no host synchronisation).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rtd_results(const Tensor& x, Tensor loss, const Tensor& sums,
+                                                               const Tensor& grad, const Tensor& dw,
+                                                               double loss_weight, int64_t reduction) {
+  Tensor n_real = sums[po::kReal];
+  if (reduction == 1) loss = (sums[po::kLossSum] * loss_weight / n_real.clamp_min(1)).to(x.scalar_type());
+  if (reduction == 2) loss = (sums[po::kLossSum] * loss_weight).to(x.scalar_type());
+  Tensor real = n_real.to(at::kFloat), tp = sums[po::kTruePos].to(at::kFloat);
+  Tensor stats = at::stack({sums[po::kCorrect].to(at::kFloat) / real.clamp_min(1),
+                            tp / sums[po::kPredicted].to(at::kFloat).clamp_min(1),
+                            tp / sums[po::kReplaced].to(at::kFloat).clamp_min(1), sums[po::kReplaced].to(at::kFloat),
+                            real});
+  return {loss, stats, grad, dw, sums};
 }
 
 // reduction: 0 none, 1 mean, 2 sum. Returns (loss, stats [5], grad [T] float32, dw [Dd] float32, sums [7] float64).
@@ -372,16 +450,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rtd_loss_fwd_cpu(
   p.loss_tok = reduction == 0 ? loss.data_ptr() : nullptr;
   if (p.T > 0) po::cpu::rtd_loss_forward(p);
   Tensor sums = partials.sum(0);  // float64, chunk order fixed
-  Tensor n_real = sums[po::kReal];
-  if (reduction == 1) loss = (sums[po::kLossSum] * loss_weight / n_real.clamp_min(1)).to(x.scalar_type());
-  if (reduction == 2) loss = (sums[po::kLossSum] * loss_weight).to(x.scalar_type());
-  Tensor real = n_real.to(at::kFloat), tp = sums[po::kTruePos].to(at::kFloat);
-  Tensor stats = at::stack({sums[po::kCorrect].to(at::kFloat) / real.clamp_min(1),
-                            tp / sums[po::kPredicted].to(at::kFloat).clamp_min(1),
-                            tp / sums[po::kReplaced].to(at::kFloat).clamp_min(1), sums[po::kReplaced].to(at::kFloat),
-                            real});
   Tensor dw = dw_fwd ? dw_part.sum(0) : at::empty({0}, f32);
-  return {loss, stats, grad, dw, sums};
+  return rtd_results(x, loss, sums, grad, dw, loss_weight, reduction);
 }
 
 // dx = coef_t * grad_t * head_weight for hidden states x (coef: [T] or one element).
@@ -539,6 +609,263 @@ Tensor philox_uniform_run_cpu(int64_t seed, const Tensor& start_offset, int64_t 
   return out;
 }
 
+
+// ---- CUDA ----
+#ifdef PYOBJECTIVES_WITH_CUDA
+
+cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream(); }
+
+#ifdef PYOBJECTIVES_CUDA_ATTENTION
+// The CUDA attention kernels' own limits (dtype, head dim, compute capability) as an error.
+void check_cuda_attention(const po::AttentionParams& p, at::Device dev) {
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(dev.index());
+  const char* why = po::cuda::two_stream_attention_unsupported(p, prop->major, prop->minor);
+  TORCH_CHECK(why == nullptr || why[0] == '\0', "the CUDA two-stream attention kernels cannot run this call: ", why);
+}
+
+Tensor workspace(size_t bytes, at::Device dev) {
+  return at::empty({int64_t(std::max<size_t>(bytes, 1))}, at::TensorOptions().dtype(at::kByte).device(dev));
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> two_stream_attention_fwd_cuda(ATTENTION_ARGS) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  return attention_fwd(ATTENTION_NAMES, [&](const AttentionInputs& in, const po::AttentionForward& f) {
+    check_cuda_attention(in.p, q.device());
+    Tensor ws = workspace(po::cuda::two_stream_attention_forward_workspace(in.p), q.device());
+    po::cuda::two_stream_attention_forward(in.p, f, ws.data_ptr(), current_stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+std::vector<Tensor> two_stream_attention_bwd_cuda(ATTENTION_BWD_ARGS) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  return attention_bwd(ATTENTION_BWD_NAMES, [&](const AttentionInputs& in, const po::AttentionBackward& g) {
+    check_cuda_attention(in.p, q.device());
+    Tensor ws = workspace(po::cuda::two_stream_attention_backward_workspace(in.p), q.device());
+    po::cuda::two_stream_attention_backward(in.p, g, ws.data_ptr(), current_stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+#else
+constexpr const char* kNoCudaAttention =
+    "the CUDA attention kernels are not built (pyobjectives._C was built without csrc/cuda/two_stream_attention_*.cu)";
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> two_stream_attention_fwd_cuda(ATTENTION_ARGS) {
+  TORCH_CHECK(false, kNoCudaAttention);
+}
+
+std::vector<Tensor> two_stream_attention_bwd_cuda(ATTENTION_BWD_ARGS) { TORCH_CHECK(false, kNoCudaAttention); }
+#endif
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rtd_loss_fwd_cuda(
+    const Tensor& x, const OptTensor& head_weight, const OptTensor& head_bias, const Tensor& corrupted_ids,
+    const Tensor& original_ids, const OptTensor& attention_mask, double loss_weight, int64_t reduction,
+    bool keep_grad, bool head_weight_grad) {
+  TORCH_CHECK(reduction >= 0 && reduction <= 2, "reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  const auto dev = x.device();
+  CHECK_OPT_DEVICE(head_weight, dev);
+  CHECK_OPT_DEVICE(head_bias, dev);
+  CHECK_DEVICE(corrupted_ids, dev);
+  CHECK_DEVICE(original_ids, dev);
+  CHECK_OPT_DEVICE(attention_mask, dev);
+  const c10::cuda::CUDAGuard guard(dev);
+  std::vector<Tensor> keep;
+  po::RTDParams p = rtd_params(x, head_weight, head_bias, corrupted_ids, original_ids, attention_mask, loss_weight,
+                               keep);
+  const int64_t chunk = po::cuda::rtd_loss_chunk_tokens(p);
+  const int64_t n_chunks = std::max<int64_t>((p.T + chunk - 1) / chunk, 1);
+  const auto f32 = x.options().dtype(at::kFloat);
+  const auto f64 = x.options().dtype(at::kDouble);
+  // every chunk's row is written by its block: no zero fill
+  Tensor partials = at::empty({n_chunks, po::kRTDSums}, f64), sums = at::empty({po::kRTDSums}, f64);
+  Tensor grad = keep_grad ? new_output({p.T}, f32) : at::empty({0}, f32);
+  const bool dw_fwd = head_weight_grad && reduction != 0 && p.Dd > 0;
+  Tensor dw_part = dw_fwd ? at::empty({n_chunks, p.Dd}, f32) : at::empty({0}, f32);
+  Tensor dw = dw_fwd ? new_output({p.Dd}, f32) : at::empty({0}, f32);
+  const at::IntArrayRef lead = p.Dd > 0 ? x.sizes().slice(0, x.dim() - 1) : x.sizes();
+  Tensor loss = reduction == 0 ? new_output(lead, x.options()) : Tensor();
+  p.partials = partials.data_ptr<double>();
+  p.grad = keep_grad ? grad.data_ptr<float>() : nullptr;
+  p.dw_partials = dw_fwd ? dw_part.data_ptr<float>() : nullptr;
+  p.loss_tok = reduction == 0 ? loss.data_ptr() : nullptr;
+  po::cuda::rtd_loss_forward(p, sums.data_ptr<double>(), dw_fwd ? dw.data_ptr<float>() : nullptr, current_stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return rtd_results(x, loss, sums, grad, dw, loss_weight, reduction);
+}
+
+Tensor rtd_loss_head_bwd_cuda(const Tensor& grad, const Tensor& coef, const Tensor& head_weight, const Tensor& x) {
+  CHECK_DTYPE(grad, at::kFloat);
+  CHECK_DTYPE(coef, at::kFloat);
+  CHECK_FLOATING(x);
+  const auto dev = x.device();
+  CHECK_DEVICE(grad, dev);
+  CHECK_DEVICE(coef, dev);
+  CHECK_DEVICE(head_weight, dev);
+  const c10::cuda::CUDAGuard guard(dev);
+  const int64_t Dd = x.size(-1), T = x.numel() / std::max<int64_t>(Dd, 1);
+  CHECK_SHAPE(grad, T);
+  CHECK_SHAPE(head_weight, Dd);
+  TORCH_CHECK(coef.numel() == 1 || coef.numel() == T, "coef must have 1 or ", T, " elements, got ", coef.numel());
+  po::RTDParams p;
+  p.dtype = to_dtype(x.scalar_type());
+  p.T = T, p.Dd = Dd;
+  Tensor w = f32c(head_weight), gc = grad.contiguous(), cc = coef.contiguous();
+  p.head_weight = w.data_ptr<float>();
+  Tensor dx = new_output(x.sizes(), x.options());
+  po::cuda::rtd_loss_head_backward(p, gc.data_ptr<float>(), cc.data_ptr<float>(), coef.numel() == 1 ? 0 : 1,
+                                   dx.data_ptr(), current_stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return dx;
+}
+
+void check_lce_devices(const Tensor& hidden, const Tensor& weight, const OptTensor& bias, const Tensor& targets) {
+  const auto dev = hidden.device();
+  CHECK_DEVICE(weight, dev);
+  CHECK_OPT_DEVICE(bias, dev);
+  CHECK_DEVICE(targets, dev);
+}
+
+// The chunked sweep: per chunk of rows, float32 logits H_c W^T by cuBLAS (half-precision inputs, float32
+// accumulation and output), the row kernel, then with row_coef d hidden = dZ W and d weight += dZ^T H_c
+// (cuBLAS, float32 out) and d bias += column sums of dZ. Extra memory: one [chunk rows, V] float32 buffer
+// (po::cuda::kLinearCEChunkBytes), reused by every chunk.
+void lce_sweep_cuda(const po::LinearCEParams& p, const Tensor& hidden, const Tensor& weight, const float* row_coef,
+                    Tensor* d_hidden, Tensor* d_weight, Tensor* d_bias) {
+  if (p.N == 0) return;
+  const bool half = p.dtype != po::DType::kFloat32;
+  const int64_t rows = po::cuda::linear_cross_entropy_chunk_rows(p.N, p.V);
+  Tensor buffer = at::empty({rows, p.V}, hidden.options().dtype(at::kFloat));
+  const Tensor wt = weight.t();
+  for (int64_t n0 = 0; n0 < p.N; n0 += rows) {
+    const int64_t nc = std::min(rows, p.N - n0);
+    const Tensor hc = hidden.narrow(0, n0, nc);
+    Tensor z = buffer.narrow(0, 0, nc);
+    if (half) at::mm_out(z, hc, wt, at::kFloat);
+    else at::mm_out(z, hc, wt);
+    po::cuda::linear_cross_entropy_chunk(p, z.data_ptr<float>(), n0, nc, row_coef, current_stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (row_coef == nullptr) continue;
+    // half precision: dZ in the input dtype over the first half of each float32 row (row stride 2V)
+    const Tensor dz = half ? z.view(hidden.scalar_type()).narrow(1, 0, p.V) : z;
+    Tensor dh = d_hidden->narrow(0, n0, nc);
+    if (half) {
+      at::mm_out(dh, dz, weight, at::kFloat);
+      at::addmm_out(*d_weight, *d_weight, dz.t(), hc, at::kFloat);
+    } else {
+      at::mm_out(dh, dz, weight);
+      d_weight->addmm_(dz.t(), hc);
+    }
+    if (d_bias != nullptr) d_bias->add_(dz.sum(0, false, at::kFloat));
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_fwd_cuda(
+    const Tensor& hidden, const Tensor& weight, const OptTensor& bias, const Tensor& targets, int64_t ignore_index,
+    int64_t reduction, bool sample, double temperature, int64_t seed, const OptTensor& disallow, bool want_argmax,
+    bool compute_grad) {
+  TORCH_CHECK(reduction >= 0 && reduction <= 2, "reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  TORCH_CHECK(!compute_grad || reduction != 0, "compute_grad needs a reduced loss (mean or sum)");
+  TORCH_CHECK(!sample || temperature > 0.0, "temperature must be > 0 when sampling, got ", temperature);
+  TORCH_CHECK(seed >= 0, "seed must be non-negative, got ", seed);
+  check_lce_devices(hidden, weight, bias, targets);
+  CHECK_OPT_DEVICE(disallow, hidden.device());
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  std::vector<Tensor> keep;
+  po::LinearCEParams p = lce_params(hidden, weight, bias, targets, ignore_index, keep);
+  const Tensor hidden_c = keep[0], weight_c = keep[1];
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  const auto i64 = hidden.options().dtype(at::kLong);
+  p.sample = sample, p.temperature = float(temperature), p.seed = uint64_t(seed), p.want_argmax = want_argmax;
+  if (disallow.has_value()) {
+    CHECK_SHAPE(*disallow, p.N);
+    CHECK_INTEGRAL(*disallow);
+    p.disallow = keep.emplace_back(disallow->to(at::kLong).contiguous()).data_ptr<int64_t>();
+  }
+  Tensor row_loss = at::empty({p.N}, f32), lse = at::empty({p.N}, f32);
+  Tensor sampled = sample ? new_output({p.N}, i64) : at::empty({0}, i64);
+  Tensor argmax = want_argmax ? new_output({p.N}, i64) : at::empty({0}, i64);
+  p.row_loss = row_loss.data_ptr<float>(), p.lse = lse.data_ptr<float>();
+  p.sampled = sample ? sampled.data_ptr<int64_t>() : nullptr;
+  p.argmax = want_argmax ? argmax.data_ptr<int64_t>() : nullptr;
+  const Tensor kept = (targets != ignore_index);
+  const Tensor n_kept = kept.sum().to(at::kDouble);
+  Tensor d_hidden = at::empty({0}, f32), d_weight = at::empty({0}, f32), d_bias = at::empty({0}, f32);
+  if (compute_grad) {
+    Tensor coef = kept.to(at::kFloat);
+    if (reduction == 1) coef = (kept.to(at::kDouble) / n_kept.clamp_min(1)).to(at::kFloat);
+    coef = coef.contiguous();
+    d_hidden = new_output({p.N, p.E}, f32), d_weight = at::zeros({p.V, p.E}, f32);
+    if (bias.has_value()) d_bias = at::zeros({p.V}, f32);
+    lce_sweep_cuda(p, hidden_c, weight_c, coef.data_ptr<float>(), &d_hidden, &d_weight,
+                   bias.has_value() ? &d_bias : nullptr);
+  } else {
+    lce_sweep_cuda(p, hidden_c, weight_c, nullptr, nullptr, nullptr, nullptr);
+  }
+  Tensor loss;
+  if (reduction == 0) loss = row_loss.to(hidden.scalar_type());
+  else if (reduction == 2) loss = row_loss.to(at::kDouble).sum().to(hidden.scalar_type());
+  else loss = (row_loss.to(at::kDouble).sum() / n_kept.clamp_min(1)).to(hidden.scalar_type());
+  return {loss, sampled, argmax, d_hidden, d_weight, d_bias};
+}
+
+std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_bwd_cuda(const Tensor& hidden, const Tensor& weight,
+                                                                 const OptTensor& bias, const Tensor& targets,
+                                                                 int64_t ignore_index, const Tensor& grad_rows) {
+  check_lce_devices(hidden, weight, bias, targets);
+  CHECK_DEVICE(grad_rows, hidden.device());
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  std::vector<Tensor> keep;
+  po::LinearCEParams p = lce_params(hidden, weight, bias, targets, ignore_index, keep);
+  const Tensor hidden_c = keep[0], weight_c = keep[1];
+  CHECK_SHAPE(grad_rows, p.N);
+  const Tensor coef = grad_rows.to(at::kFloat).contiguous();
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  Tensor row_loss = at::empty({p.N}, f32), lse = at::empty({p.N}, f32);
+  p.row_loss = row_loss.data_ptr<float>(), p.lse = lse.data_ptr<float>();
+  Tensor d_hidden = new_output({p.N, p.E}, f32), d_weight = at::zeros({p.V, p.E}, f32);
+  Tensor d_bias = bias.has_value() ? at::zeros({p.V}, f32) : at::empty({0}, f32);
+  lce_sweep_cuda(p, hidden_c, weight_c, coef.data_ptr<float>(), &d_hidden, &d_weight,
+                 bias.has_value() ? &d_bias : nullptr);
+  return {d_hidden, d_weight, d_bias};
+}
+
+Tensor t5_bucket_cuda(const Tensor& relative_position, bool bidirectional, int64_t num_buckets, int64_t max_distance) {
+  CHECK_INTEGRAL(relative_position);
+  const c10::cuda::CUDAGuard guard(relative_position.device());
+  Tensor rel = relative_position.to(at::kLong).contiguous();
+  Tensor out = at::empty_like(rel);
+  po::cuda::t5_bucket(rel.data_ptr<int64_t>(), rel.numel(), bidirectional, num_buckets, max_distance,
+                      out.data_ptr<int64_t>(), current_stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+Tensor philox_uniform_cuda(int64_t seed, const Tensor& offsets) {
+  CHECK_DTYPE(offsets, at::kLong);
+  const c10::cuda::CUDAGuard guard(offsets.device());
+  Tensor off = offsets.contiguous();
+  Tensor out = at::empty(off.sizes(), off.options().dtype(at::kFloat));
+  po::cuda::philox_uniform(uint64_t(seed), off.data_ptr<int64_t>(), off.numel(), out.data_ptr<float>(),
+                           current_stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// start_offset stays on the device (read by the kernel): unlike the CPU hook, its sign is not checked.
+Tensor philox_uniform_run_cuda(int64_t seed, const Tensor& start_offset, int64_t n) {
+  TORCH_CHECK(start_offset.numel() == 1, "start_offset must hold one offset, got shape ", start_offset.sizes());
+  TORCH_CHECK(n >= 0, "n must be non-negative, got ", n);
+  const c10::cuda::CUDAGuard guard(start_offset.device());
+  Tensor start = start_offset.to(at::kLong).contiguous();
+  Tensor out = at::empty({n}, start.options().dtype(at::kFloat));
+  po::cuda::philox_uniform_run(uint64_t(seed), start.data_ptr<int64_t>(), n, out.data_ptr<float>(),
+                               current_stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+#endif  // PYOBJECTIVES_WITH_CUDA
+
 }  // namespace
 
 #define ATTENTION_SCHEMA                                                                                       \
@@ -579,13 +906,41 @@ TORCH_LIBRARY_IMPL(pyobjectives, CPU, m) {
   m.impl("philox_uniform_run", &philox_uniform_run_cpu);
 }
 
+#ifdef PYOBJECTIVES_WITH_CUDA
+TORCH_LIBRARY_IMPL(pyobjectives, CUDA, m) {
+  m.impl("two_stream_attention_fwd", &two_stream_attention_fwd_cuda);
+  m.impl("two_stream_attention_bwd", &two_stream_attention_bwd_cuda);
+  m.impl("rtd_loss_fwd", &rtd_loss_fwd_cuda);
+  m.impl("rtd_loss_head_bwd", &rtd_loss_head_bwd_cuda);
+  m.impl("linear_cross_entropy_fwd", &linear_cross_entropy_fwd_cuda);
+  m.impl("linear_cross_entropy_bwd", &linear_cross_entropy_bwd_cuda);
+  m.impl("t5_bucket", &t5_bucket_cuda);
+  m.impl("philox_uniform", &philox_uniform_cuda);
+  m.impl("philox_uniform_run", &philox_uniform_run_cuda);
+}
+#endif
+
 // Loaded as a Python module so that `import pyobjectives._C` registers the ops.
 #include <Python.h>
 
 static PyObject* py_blas_name(PyObject*, PyObject*) { return PyUnicode_FromString(po::cpu::blas_name()); }
 
+#ifdef PYOBJECTIVES_WITH_CUDA
+static PyObject* py_cuda_built(PyObject*, PyObject*) { Py_RETURN_TRUE; }
+#else
+static PyObject* py_cuda_built(PyObject*, PyObject*) { Py_RETURN_FALSE; }
+#endif
+#ifdef PYOBJECTIVES_CUDA_ATTENTION
+static PyObject* py_cuda_attention_built(PyObject*, PyObject*) { Py_RETURN_TRUE; }
+#else
+static PyObject* py_cuda_attention_built(PyObject*, PyObject*) { Py_RETURN_FALSE; }
+#endif
+
 static PyMethodDef methods[] = {
     {"blas_name", py_blas_name, METH_NOARGS, "Which BLAS the CPU kernels call."},
+    {"cuda_built", py_cuda_built, METH_NOARGS, "Whether the CUDA kernels (rtd_loss, linear_cross_entropy) are built."},
+    {"cuda_attention_built", py_cuda_attention_built, METH_NOARGS,
+     "Whether the CUDA two-stream attention kernels are built."},
     {nullptr, nullptr, 0, nullptr},
 };
 

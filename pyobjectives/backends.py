@@ -12,6 +12,10 @@ dispatch or ``python -m pyobjectives info``). The compiled extension, when built
 is loaded at import (a small shared library registering its ops), so that
 dispatch under ``torch.compile`` needs no import: everything :func:`resolve`
 runs while being traced is plain Python over tensor metadata.
+
+The ``cuda`` backend is checked once per op, device and dtype against the
+reference on a tiny fixed input (:mod:`pyobjectives.selfcheck`) before it runs a
+call; a mismatch takes it out of dispatch for that op with the reason.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ class OpImpl:
 
     loader: Callable[[], Callable[..., Any]]
     not_supported_reasons: ReasonsFn = lambda inputs: []
+    #: Why this op cannot run on the backend at all (e.g. its kernels were not built), beyond the backend's own.
+    unavailable: Callable[[], Reasons] = lambda: []
     loaded: Callable[..., Any] | None = None
 
 
@@ -56,6 +62,10 @@ class Backend:
     #: Reasons a particular call cannot run here even though the library works (e.g. tensor device).
     common_reasons: ReasonsFn = lambda inputs: []
     ops: dict = field(default_factory=dict)
+    #: Verifies the backend on a call's device and dtype before it is used: (op, inputs, explicit) -> reasons.
+    verify: Callable[[str, Mapping[str, Any], bool], Reasons] | None = None
+    #: Reasons recorded by failed verifications, per op (reported by op_reasons).
+    verify_failures: Callable[[str], Reasons] = lambda op: []
 
     #: Probe result, filled on first use (a plain attribute: torch.compile traces through it).
     probed: Reasons | None = None
@@ -66,23 +76,33 @@ class Backend:
             self.probed = self.probe()
         return self.probed
 
-    def register(self, op: str, loader: Callable[[], Callable[..., Any]], not_supported_reasons: ReasonsFn | None = None):
+    def register(self, op: str, loader: Callable[[], Callable[..., Any]],
+                 not_supported_reasons: ReasonsFn | None = None, unavailable: Callable[[], Reasons] | None = None):
         if op not in OPS:
             raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
-        self.ops[op] = OpImpl(loader, not_supported_reasons or (lambda inputs: []))
+        self.ops[op] = OpImpl(loader, not_supported_reasons or (lambda inputs: []), unavailable or (lambda: []))
 
     def op_reasons(self, op: str) -> Reasons:
         """Why this backend cannot run ``op`` at all, independent of inputs."""
         if op not in self.ops:
             return [f"pyobjectives has no {self.name} implementation of {op}"]
-        return list(self.unavailable_reasons)
+        return list(self.unavailable_reasons) + self.ops[op].unavailable() + self.verify_failures(op)
 
-    def not_supported_reasons(self, op: str, inputs: Mapping[str, Any]) -> Reasons:
-        """Why this backend cannot run ``op`` on these inputs; empty means it can."""
-        reasons = self.op_reasons(op)
+    def not_supported_reasons(self, op: str, inputs: Mapping[str, Any], explicit: bool = False) -> Reasons:
+        """Why this backend cannot run ``op`` on these inputs; empty means it can.
+
+        Runs the backend's verification (once per op, device and dtype) when everything else allows
+        the call; ``explicit`` (a call naming the backend) lets an unverified backend run while
+        torch.compile traces, where no check can run."""
+        if op not in self.ops:
+            return self.op_reasons(op)
+        reasons = list(self.unavailable_reasons) + self.ops[op].unavailable()
         if reasons:
             return reasons
-        return self.common_reasons(inputs) + self.ops[op].not_supported_reasons(inputs)
+        reasons = self.common_reasons(inputs) + self.ops[op].not_supported_reasons(inputs)
+        if reasons or self.verify is None:
+            return reasons
+        return self.verify(op, inputs, explicit)
 
     def implementation(self, op: str) -> Callable[..., Any]:
         impl = self.ops[op]
@@ -166,11 +186,40 @@ def extension_module():
     return None if _NATIVE is None else _NATIVE._C
 
 
+# Read once at import: the dispatch below runs while torch.compile traces, where C functions cannot be called.
+_CUDA_BUILT = _NATIVE is not None and bool(_NATIVE._C.cuda_built())
+_CUDA_ATTENTION_BUILT = _CUDA_BUILT and bool(_NATIVE._C.cuda_attention_built())
+
+
+def cuda_built() -> bool:
+    """Whether ``pyobjectives._C`` was compiled with its CUDA kernels."""
+    return _CUDA_BUILT
+
+
 def _probe_cuda() -> Reasons:
-    reasons = [] if _NATIVE is not None else [_NATIVE_ERROR]
+    reasons = [_NATIVE_ERROR] if _NATIVE is None else []
+    if _NATIVE is not None and not cuda_built():
+        reasons.append("pyobjectives._C was built without CUDA (no nvcc / CUDA torch at build time)")
     if not torch.cuda.is_available():
         reasons.append("torch reports no CUDA device")
     return reasons
+
+
+def _cuda_attention_unavailable() -> Reasons:
+    if not _CUDA_BUILT or _CUDA_ATTENTION_BUILT:
+        return []
+    return ["the CUDA attention kernels are not built (csrc/cuda/two_stream_attention_*.cu absent at build time, "
+            "or no CUTLASS headers)"]
+
+
+def _verify_cuda(op: str, inputs: Mapping[str, Any], explicit: bool) -> Reasons:
+    from pyobjectives import selfcheck
+    return selfcheck.reasons(op, inputs, explicit)
+
+
+def _cuda_verify_failures(op: str) -> Reasons:
+    from pyobjectives import selfcheck
+    return selfcheck.recorded_failures(op)
 
 
 def _probe_cpu() -> Reasons:
@@ -189,7 +238,7 @@ BACKENDS: dict[str, Backend] = {
     "triton": Backend("triton", "Triton kernels (CUDA, or the CPU interpreter with TRITON_INTERPRET=1)",
                       probe=_probe_triton, common_reasons=_triton_device_reasons),
     "cuda": Backend("cuda", "CUDA C++ kernels of the compiled extension", probe=_probe_cuda,
-                    common_reasons=_device_is("cuda")),
+                    common_reasons=_device_is("cuda"), verify=_verify_cuda, verify_failures=_cuda_verify_failures),
     "cpu": Backend("cpu", "native CPU kernels of the compiled extension", probe=_probe_cpu,
                    common_reasons=_device_is("cpu")),
 }
@@ -223,14 +272,18 @@ def _register_native(backend: str) -> None:
             BACKENDS[backend].register(op, loader=lambda: None)
         return
     for op in OPS:
-        BACKENDS[backend].register(op, loader=lambda op=op: getattr(_NATIVE, op),
-                                   not_supported_reasons=getattr(_NATIVE, f"{op}_not_supported_reasons"))
+        reasons = getattr(_NATIVE, f"{op}_{backend}_not_supported_reasons", None) or getattr(
+            _NATIVE, f"{op}_not_supported_reasons")
+        unavailable = _cuda_attention_unavailable if backend == "cuda" and op == "two_stream_attention" else None
+        BACKENDS[backend].register(op, loader=lambda op=op: getattr(_NATIVE, op), not_supported_reasons=reasons,
+                                   unavailable=unavailable)
 
 
 for _op in OPS:
     BACKENDS["reference"].register(_op, _load_reference(_op))
 _register_triton_kernels()
 _register_native("cpu")
+_register_native("cuda")
 
 
 # --- dispatch -------------------------------------------------------------------------
@@ -245,7 +298,7 @@ def resolve(op: str, backend: str, inputs: Mapping[str, Any]) -> tuple[str, Call
             raise ValueError(f"{BACKEND_ENV} must be one of {BACKEND_NAMES}, got {override!r}")
         backend = override
     if backend != "auto":
-        reasons = BACKENDS[backend].not_supported_reasons(op, inputs)
+        reasons = BACKENDS[backend].not_supported_reasons(op, inputs, explicit=True)
         if reasons:
             raise BackendUnavailableError(f"backend {backend!r} cannot run {op}: " + "; ".join(reasons))
         return backend, BACKENDS[backend].implementation(op)

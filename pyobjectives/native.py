@@ -21,6 +21,7 @@ linear_cross_entropy        ``linear_cross_entropy_fwd`` (gradient for a     sca
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -114,6 +115,32 @@ def two_stream_attention_not_supported_reasons(inputs) -> list:
     if q.dtype not in NATIVE_DTYPES:
         return [f"dtype {q.dtype}: the native kernels compute in float32 for float32, bfloat16 and float16 inputs"]
     return []
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
+#: What the CUDA attention kernels compile (csrc/cuda/launchers.h: two_stream_attention_unsupported).
+CUDA_ATTENTION_DTYPES = (torch.bfloat16, torch.float16)
+CUDA_ATTENTION_HEAD_DIMS = (64, 128)
+
+
+def two_stream_attention_cuda_not_supported_reasons(inputs) -> list:
+    q = inputs["q"]
+    reasons = []
+    if q.dtype not in CUDA_ATTENTION_DTYPES:
+        reasons.append(f"dtype {q.dtype}: the CUDA attention kernels take bfloat16 and float16 (tensor cores)")
+    if q.shape[-1] not in CUDA_ATTENTION_HEAD_DIMS:
+        reasons.append(f"head dim {q.shape[-1]}: the CUDA attention kernels are compiled for D in "
+                       f"{CUDA_ATTENTION_HEAD_DIMS}")
+    if q.is_cuda and torch.cuda.is_available():
+        major, minor = _capability(q.device.index if q.device.index is not None else torch.cuda.current_device())
+        if major < 8:
+            reasons.append(f"compute capability {major}.{minor}: the CUDA attention kernels need 8.0 or newer "
+                           "(SM80 tensor-core instructions)")
+    return reasons
 
 
 # --- RTD loss ----------------------------------------------------------------------------

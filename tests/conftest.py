@@ -51,7 +51,7 @@ def one_torch_thread():
 
 
 #: The fused backends every backend-parametrized test runs on (the reference is the oracle).
-FUSED_BACKENDS = ("triton", "cpu")
+FUSED_BACKENDS = ("cuda", "triton", "cpu")
 
 
 def backend_reasons(name: str, op: str = "two_stream_attention") -> list:
@@ -70,14 +70,24 @@ def fused_backend_params(op: str = "two_stream_attention"):
 
 
 def backend_device(backend: str) -> str:
-    """Where a backend's test inputs live: Triton on the GPU unless interpreting, cpu on the CPU."""
+    """Where a backend's test inputs live: cuda on the GPU, Triton on the GPU unless interpreting, cpu on the CPU."""
     from pyobjectives.backends import triton_interpreter_enabled
+    if backend == "cuda":
+        return "cuda"
     if backend == "triton" and torch.cuda.is_available() and not triton_interpreter_enabled():
         return "cuda"
     return "cpu"
 
 
 def skip_unsupported_dtype(backend: str, dtype) -> None:
-    if backend == "cpu" and dtype == torch.float64:
-        pytest.skip("the cpu backend computes in float32 for float32 / bfloat16 / float16 inputs; "
+    if backend in ("cpu", "cuda") and dtype == torch.float64:
+        pytest.skip(f"the {backend} backend computes in float32 for float32 / bfloat16 / float16 inputs; "
                     "float64 calls go to the reference")
+
+
+def skip_if_refused(backend: str, error: Exception) -> None:
+    """A backend that declines these inputs (dtype, head dim, ...) is skipped for them; a failed
+    self-check is a failure, never a skip."""
+    if "self-check" in str(error):
+        raise error
+    pytest.skip(f"{backend} declines these inputs: {error}")

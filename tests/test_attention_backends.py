@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from attention_inputs import make_inputs
-from conftest import DTYPE_ID, assert_policy, backend_device, backend_reasons, fused_backend_params
+from conftest import DTYPE_ID, assert_policy, backend_device, backend_reasons, fused_backend_params, skip_if_refused
 
 from pyobjectives import BackendUnavailableError, reference, two_stream_attention
 from pyobjectives.reference.philox import philox_uniform
@@ -32,7 +32,12 @@ def run(backend, x, kw, dtype, device=None, **extra):
               for n in GRAD_NAMES if n in x or n in kw}
     rest = {n: (t.to(device) if isinstance(t, torch.Tensor) else t) for n, t in {**x, **kw}.items()
             if n not in leaves}
-    out = two_stream_attention(**leaves, **rest, **extra, backend=backend)
+    try:
+        out = two_stream_attention(**leaves, **rest, **extra, backend=backend)
+    except BackendUnavailableError as exc:
+        if backend != "cuda":  # only cuda's limits (bf16 / fp16, D in {64, 128}) are narrower than the tests'
+            raise
+        skip_if_refused(backend, exc)
     outs = [o for o in out if o is not None]
     gen = torch.Generator().manual_seed(123)
     weights = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(device, o.dtype) for o in outs]

@@ -17,8 +17,8 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread")]
 
 #: The interpreter runs on CPU tensors; a GPU run (TRITON_INTERPRET=0) uses CUDA tensors.
 DEV = "cpu" if triton_interpreter_enabled() or not torch.cuda.is_available() else "cuda"
-#: The cpu backend takes CPU tensors: on a GPU run these tests exercise triton only.
-BACKENDS = [p for p in fused_backend_params("rtd_loss") if DEV == "cpu" or p.values[0] != "cpu"]
+#: The cpu backend takes CPU tensors, the cuda backend CUDA tensors: each runs where DEV is its device.
+BACKENDS = [p for p in fused_backend_params("rtd_loss") if p.values[0] in ("triton", DEV)]
 requires_triton = pytest.mark.skipif(bool(backend_reasons("triton", "rtd_loss")), reason="triton backend unavailable: "
                                      + "; ".join(backend_reasons("triton", "rtd_loss")))
 
@@ -27,7 +27,7 @@ requires_triton = pytest.mark.skipif(bool(backend_reasons("triton", "rtd_loss"))
 
 def exact_dtype(backend):
     """Comparisons against the same-dtype reference run in float64 where the backend has it."""
-    return torch.float32 if backend == "cpu" else torch.float64
+    return torch.float32 if backend in ("cpu", "cuda") else torch.float64
 
 
 def close(backend):

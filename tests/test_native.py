@@ -83,6 +83,61 @@ def test_opcheck_linear_cross_entropy(reduction):
     torch.library.opcheck(torch.ops.pyobjectives.linear_cross_entropy_bwd, (h, w, b, t, -100, torch.randn(N)))
 
 
+CUDA_REASONS = backend_reasons("cuda", "rtd_loss")
+requires_cuda = pytest.mark.skipif(bool(CUDA_REASONS), reason="cuda backend unavailable: " + "; ".join(CUDA_REASONS))
+
+
+@requires_cuda
+@pytest.mark.parametrize("reduction", [0, 1, 2], ids=["none", "mean", "sum"])
+@pytest.mark.parametrize("head", [False, True], ids=["logits", "head"])
+def test_opcheck_rtd_cuda(head, reduction):
+    lead, D = (3, 37), 24
+    dev = "cuda"
+    x = (torch.randn(*lead, D, device=dev) if head else torch.randn(*lead, device=dev)).requires_grad_()
+    w = torch.randn(D, device=dev, requires_grad=True) if head else None
+    b = torch.randn((), device=dev, requires_grad=True) if head else None
+    orig = torch.randint(0, 9, lead, device=dev)
+    corr = torch.where(torch.rand(lead, device=dev) < 0.4, torch.randint(0, 9, lead, device=dev), orig)
+    mask = torch.rand(lead, device=dev) > 0.2
+    torch.library.opcheck(torch.ops.pyobjectives.rtd_loss_fwd, (x, w, b, corr, orig, mask, 2.0, reduction, True, head))
+    torch.library.opcheck(torch.ops.pyobjectives.rtd_loss_head_bwd,
+                          (torch.randn(111, device=dev), torch.randn(1, device=dev), torch.randn(D, device=dev),
+                           torch.randn(*lead, D, device=dev)))
+
+
+@requires_cuda
+@pytest.mark.parametrize("reduction", [0, 1, 2], ids=["none", "mean", "sum"])
+def test_opcheck_linear_cross_entropy_cuda(reduction):
+    N, E, V = 11, 16, 523
+    dev = "cuda"
+    h = torch.randn(N, E, device=dev, requires_grad=True)
+    w = torch.randn(V, E, device=dev, requires_grad=True)
+    b = torch.randn(V, device=dev, requires_grad=True)
+    t = torch.randint(0, V, (N,), device=dev)
+    t[::4] = -100
+    torch.library.opcheck(torch.ops.pyobjectives.linear_cross_entropy_fwd,
+                          (h, w, b, t, -100, reduction, True, 0.7, 3, None, True, reduction != 0))
+    torch.library.opcheck(torch.ops.pyobjectives.linear_cross_entropy_bwd,
+                          (h, w, b, t, -100, torch.randn(N, device=dev)))
+
+
+CUDA_ATTN_REASONS = backend_reasons("cuda", "two_stream_attention")
+
+
+@pytest.mark.skipif(bool(CUDA_ATTN_REASONS), reason="cuda attention unavailable: " + "; ".join(CUDA_ATTN_REASONS))
+@pytest.mark.parametrize("features,dropout_p", [
+    pytest.param(ATTN_FEATURES, 0.0, id="all-features"),
+    pytest.param(("query", "dense", "seg_dense", "causal"), 0.2, id="dense-causal-dropout"),
+])
+def test_opcheck_attention_cuda(features, dropout_p):
+    x, kw = make_inputs(B=2, Lq=70, M=6, H=2, D=64, P=9, features=features)
+    x = {n: t.cuda() for n, t in x.items()}
+    kw = {n: (t.cuda() if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
+    x, kw = float_leaves(x, kw, torch.bfloat16)
+    torch.library.opcheck(torch.ops.pyobjectives.two_stream_attention_fwd,
+                          attention_args(x, kw, dropout_p=dropout_p, seed=5))
+
+
 def _compiled_matches_eager(fn, inputs):
     eager_out = fn(*inputs)
     eager_grads = torch.autograd.grad(eager_out, [t for t in inputs if t.requires_grad])

@@ -68,6 +68,7 @@ struct RTDParams {
   const void* x = nullptr;        // logits [T] or hidden [T, Dd], contiguous
   const float* head_weight = nullptr;  // [Dd] float32
   float head_bias = 0.f;
+  const float* head_bias_dev = nullptr;  // CUDA: the bias as one float32 on the device (read there, no sync)
   const int64_t *corrupted = nullptr, *original = nullptr;  // [T]
   // [T] attention mask, nonzero = real token, read in its own dtype; nullptr = all real
   const void* real = nullptr;
