@@ -144,17 +144,26 @@ class XLNetStep:
             case.extra["hf_check"] = (loss.detach(), model)
         return case.extra["hf_check"]
 
+    MODEL = "XLNetLMHeadModel"
+
+    @staticmethod
+    def _patch(model, backend):
+        return po.integrations.patch_xlnet(model, backend=backend)
+
     @classmethod
-    def _provider(cls, case: Case, name: str, backend: str | None) -> Provider:
+    def _provider(cls, case: Case, name: str, backend: str | None, impl: str | None = None) -> Provider:
+        """HF's model (``backend=None``, with ``attn_implementation=impl`` when given) or the patched one."""
         prov = Provider(name, "eager" if backend is None else "pyobjectives",
-                        note="unpatched transformers XLNetLMHeadModel" if backend is None
-                        else f"patch_xlnet(model, backend={backend!r})")
+                        note=f"unpatched transformers {cls.MODEL}" + (f" ({impl})" if impl else "")
+                        if backend is None else f"{cls._patch.__name__}(model, backend={backend!r})")
         state = {}
 
         def setup():
             model = copy.deepcopy(case.extra["base"]).to(case.device)
+            if impl is not None:
+                model.config._attn_implementation = impl
             if backend is not None:
-                po.integrations.patch_xlnet(model, backend=backend)
+                cls._patch(model, backend)
             state.update(model=model, opt=_optimizer(model))
 
             def step(batch):

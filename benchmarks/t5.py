@@ -17,18 +17,16 @@ any optimizer step): loss and every parameter gradient of the patched model equa
 
 from __future__ import annotations
 
-import copy
 from types import SimpleNamespace
 
 import torch
 
 import pyobjectives as po
 from pyobjectives import functional, reference
-from pyobjectives.backends import BACKENDS
 
-from .common import (Case, Provider, autograd_oracle, backend_names, backend_providers, generator, make_gouts,
-                     randn, rel_err, rotated_input_sets, tensor_bytes)
-from .e2e import _grads_err, _optimizer, _tolerance, _transformers_reason
+from .common import (Case, Provider, autograd_oracle, backend_providers, generator, make_gouts, randn,
+                     rotated_input_sets, tensor_bytes)
+from .e2e import XLNetStep, _transformers_reason
 
 GRAD_NAMES = ["q", "k", "v", "t5_bias"]
 
@@ -147,17 +145,22 @@ class T5Attention:
         return out
 
 
-class T5Step:
+class T5Step(XLNetStep):
+    """HF T5 step: the XLNet step's providers and checks (``patch_t5`` instead of ``patch_xlnet``), plus HF sdpa."""
+
     OP = "t5_step"
-    STEP = True
     TITLE = "HF T5 training step"
-    X_KEY = "L"
-    EAGER = "hf_eager"
+    MODEL = "T5ForConditionalGeneration"
+
+    @staticmethod
+    def _patch(model, backend):
+        return po.integrations.patch_t5(model, backend=backend)
 
     @staticmethod
     def sweeps(profile: str) -> list:
         if profile == "gpu":   # T5-base
-            cfg = dict(layers=12, d_model=768, d_kv=64, heads=12, d_ff=3072, vocab=32128, B=16, L=568, mode="bf16-autocast")
+            cfg = dict(layers=12, d_model=768, d_kv=64, heads=12, d_ff=3072, vocab=32128, B=16, L=568,
+                       mode="bf16-autocast")
         elif profile == "cpu":  # T5-small width, 2 + 2 layers
             cfg = dict(layers=2, d_model=512, d_kv=64, heads=8, d_ff=2048, vocab=32128, B=4, L=568, mode="float32")
         else:
@@ -195,76 +198,9 @@ class T5Step:
         case.extra.update(base=base, hf_check=None)
         return case
 
-    @staticmethod
-    def _loss(model, batch, device, mode):
-        from .e2e import _autocast
-        with _autocast(device, mode):
-            return model(**batch).loss
-
-    @classmethod
-    def _check_batch(cls, case):
-        rows = min(2, case.config["B"])
-        return {k: v[:rows] for k, v in case.sets[0].items()}
-
-    @classmethod
-    def _hf_check(cls, case):
-        if case.extra["hf_check"] is None:
-            model = copy.deepcopy(case.extra["base"]).to(case.device).eval()
-            loss = cls._loss(model, cls._check_batch(case), case.device, "float32")
-            loss.backward()
-            case.extra["hf_check"] = (loss.detach(), model)
-        return case.extra["hf_check"]
-
-    @classmethod
-    def _provider(cls, case: Case, name: str, backend: str | None, impl: str = "eager") -> Provider:
-        prov = Provider(name, "eager" if backend is None else "pyobjectives",
-                        note=f"unpatched transformers T5ForConditionalGeneration ({impl})" if backend is None
-                        else f"patch_t5(model, backend={backend!r})")
-        state = {}
-
-        def setup():
-            model = copy.deepcopy(case.extra["base"]).to(case.device)
-            model.config._attn_implementation = impl
-            if backend is not None:
-                po.integrations.patch_t5(model, backend=backend)
-            state.update(model=model, opt=_optimizer(model))
-
-            def step(batch):
-                loss = cls._loss(state["model"], batch, case.device, case.config["mode"])
-                loss.backward()
-                state["opt"].step()
-                state["opt"].zero_grad(set_to_none=True)
-                return loss.detach()
-            return step
-
-        def check():
-            want_loss, want_model = cls._hf_check(case)
-            model = state["model"].eval()
-            try:
-                loss = cls._loss(model, cls._check_batch(case), case.device, "float32")
-                loss.backward()
-                err = max(rel_err(loss.detach(), want_loss), _grads_err(model, want_model))
-            finally:
-                model.zero_grad(set_to_none=True)
-                model.train()
-            return err, _tolerance(case.config["mode"]), "loss + every parameter grad vs unpatched HF eager (fp32, eval)"
-
-        prov.setup, prov.check, prov.release = setup, check, state.clear
-        return prov
-
     @classmethod
     def providers(cls, case: Case) -> list:
-        reason = _transformers_reason()
-        out = []
-        for name, impl in ((cls.EAGER, "eager"), ("hf_sdpa", "sdpa")):
-            hf = cls._provider(case, name, None, impl)
-            hf.reason = reason
-            out.append(hf)
-        for name in backend_names():
-            prov = cls._provider(case, f"patched[{name}]", name)
-            reasons = BACKENDS[name].op_reasons("two_stream_attention")
-            prov.reason = reason or ("; ".join(reasons) if reasons else None)
-            if name == "triton" and case.device == "cpu" and not reasons:
-                prov.reason = "Triton CPU interpreter: the kernels are checked per op, not run in a model"
-            out.append(prov)
-        return out
+        out = super().providers(case)
+        sdpa = cls._provider(case, "hf_sdpa", None, impl="sdpa")
+        sdpa.reason = out[0].reason
+        return out[:1] + [sdpa] + out[1:]
