@@ -516,12 +516,20 @@ std::tuple<Tensor, Tensor, Tensor> lce_grads(const po::LinearCEParams& p, const 
   return {d_hidden, d_weight, d_bias};
 }
 
+#define LCE_FWD_ARGS                                                                                          \
+  const Tensor &hidden, const Tensor &weight, const OptTensor &bias, const Tensor &targets, int64_t ignore_index, \
+      int64_t reduction, bool sample, double temperature, int64_t seed, const OptTensor &disallow,              \
+      bool want_argmax, bool compute_grad
+#define LCE_FWD_NAMES \
+  hidden, weight, bias, targets, ignore_index, reduction, sample, temperature, seed, disallow, want_argmax, compute_grad
+using LCEForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
 // reduction: 0 none, 1 mean, 2 sum. With compute_grad the gradients of the loss for a unit output gradient
 // (mean / sum) come from the same sweep, in float32: (loss, sampled, argmax, d_hidden, d_weight, d_bias).
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_fwd_cpu(
-    const Tensor& hidden, const Tensor& weight, const OptTensor& bias, const Tensor& targets, int64_t ignore_index,
-    int64_t reduction, bool sample, double temperature, int64_t seed, const OptTensor& disallow, bool want_argmax,
-    bool compute_grad) {
+// Shared by the devices; sweep(p, keep, row_coef, d_hidden, d_weight, d_bias) runs the device's kernels
+// (row_coef and the gradients are null without compute_grad; keep[0], keep[1] are hidden and weight).
+template <typename Sweep>
+LCEForwardResult linear_cross_entropy_fwd_impl(LCE_FWD_ARGS, Sweep sweep) {
   TORCH_CHECK(reduction >= 0 && reduction <= 2, "reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
   TORCH_CHECK(!compute_grad || reduction != 0, "compute_grad needs a reduced loss (mean or sum)");
   TORCH_CHECK(!sample || temperature > 0.0, "temperature must be > 0 when sampling, got ", temperature);
@@ -542,7 +550,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_
   p.row_loss = row_loss.data_ptr<float>(), p.lse = lse.data_ptr<float>();
   p.sampled = sample ? sampled.data_ptr<int64_t>() : nullptr;
   p.argmax = want_argmax ? argmax.data_ptr<int64_t>() : nullptr;
-  // An unchecked out-of-range target (value checks are off on accelerators) counts as ignored, as in the kernel.
+  // An unchecked out-of-range target (value checks are off on accelerators) counts as ignored, as in the kernels.
   const Tensor kept = (targets != ignore_index) & (targets >= 0) & (targets < p.V);
   const Tensor n_kept = kept.sum().to(at::kDouble);
   Tensor d_hidden = at::empty({0}, f32), d_weight = at::empty({0}, f32), d_bias = at::empty({0}, f32);
@@ -550,19 +558,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_
     Tensor coef = kept.to(at::kFloat);
     if (reduction == 1) coef = (kept.to(at::kDouble) / n_kept.clamp_min(1)).to(at::kFloat);
     coef = coef.contiguous();
-    d_hidden = at::empty({p.N, p.E}, f32), d_weight = at::zeros({p.V, p.E}, f32);
+    d_hidden = new_output({p.N, p.E}, f32), d_weight = at::zeros({p.V, p.E}, f32);
     if (bias.has_value()) d_bias = at::zeros({p.V}, f32);
-    po::cpu::linear_cross_entropy_forward(p, coef.data_ptr<float>(), d_hidden.data_ptr<float>(),
-                                          d_weight.data_ptr<float>(),
-                                          bias.has_value() ? d_bias.data_ptr<float>() : nullptr);
+    sweep(p, keep, coef.data_ptr<float>(), &d_hidden, &d_weight, bias.has_value() ? &d_bias : nullptr);
   } else {
-    po::cpu::linear_cross_entropy_forward(p, nullptr, nullptr, nullptr, nullptr);
+    sweep(p, keep, nullptr, nullptr, nullptr, nullptr);
   }
   Tensor loss;
   if (reduction == 0) loss = row_loss.to(hidden.scalar_type());
   else if (reduction == 2) loss = row_loss.to(at::kDouble).sum().to(hidden.scalar_type());
   else loss = (row_loss.to(at::kDouble).sum() / n_kept.clamp_min(1)).to(hidden.scalar_type());
   return {loss, sampled, argmax, d_hidden, d_weight, d_bias};
+}
+
+LCEForwardResult linear_cross_entropy_fwd_cpu(LCE_FWD_ARGS) {
+  return linear_cross_entropy_fwd_impl(
+      LCE_FWD_NAMES, [](const po::LinearCEParams& p, const std::vector<Tensor>&, const float* row_coef,
+                        Tensor* d_hidden, Tensor* d_weight, Tensor* d_bias) {
+        auto ptr = [](Tensor* t) { return t != nullptr ? t->data_ptr<float>() : nullptr; };
+        po::cpu::linear_cross_entropy_forward(p, row_coef, ptr(d_hidden), ptr(d_weight), ptr(d_bias));
+      });
 }
 
 // Gradients for per-row output gradients (reduction "none"): the logits are recomputed chunk by chunk.
@@ -759,53 +774,15 @@ void lce_sweep_cuda(const po::LinearCEParams& p, const Tensor& hidden, const Ten
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_fwd_cuda(
-    const Tensor& hidden, const Tensor& weight, const OptTensor& bias, const Tensor& targets, int64_t ignore_index,
-    int64_t reduction, bool sample, double temperature, int64_t seed, const OptTensor& disallow, bool want_argmax,
-    bool compute_grad) {
-  TORCH_CHECK(reduction >= 0 && reduction <= 2, "reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
-  TORCH_CHECK(!compute_grad || reduction != 0, "compute_grad needs a reduced loss (mean or sum)");
-  TORCH_CHECK(!sample || temperature > 0.0, "temperature must be > 0 when sampling, got ", temperature);
-  TORCH_CHECK(seed >= 0, "seed must be non-negative, got ", seed);
+LCEForwardResult linear_cross_entropy_fwd_cuda(LCE_FWD_ARGS) {
   check_lce_devices(hidden, weight, bias, targets);
   CHECK_OPT_DEVICE(disallow, hidden.device());
   const c10::cuda::CUDAGuard guard(hidden.device());
-  std::vector<Tensor> keep;
-  po::LinearCEParams p = lce_params(hidden, weight, bias, targets, ignore_index, keep);
-  const Tensor hidden_c = keep[0], weight_c = keep[1];
-  const auto f32 = hidden.options().dtype(at::kFloat);
-  const auto i64 = hidden.options().dtype(at::kLong);
-  p.sample = sample, p.temperature = float(temperature), p.seed = uint64_t(seed), p.want_argmax = want_argmax;
-  if (disallow.has_value()) {
-    CHECK_SHAPE(*disallow, p.N);
-    CHECK_INTEGRAL(*disallow);
-    p.disallow = keep.emplace_back(disallow->to(at::kLong).contiguous()).data_ptr<int64_t>();
-  }
-  Tensor row_loss = at::empty({p.N}, f32), lse = at::empty({p.N}, f32);
-  Tensor sampled = sample ? new_output({p.N}, i64) : at::empty({0}, i64);
-  Tensor argmax = want_argmax ? new_output({p.N}, i64) : at::empty({0}, i64);
-  p.row_loss = row_loss.data_ptr<float>(), p.lse = lse.data_ptr<float>();
-  p.sampled = sample ? sampled.data_ptr<int64_t>() : nullptr;
-  p.argmax = want_argmax ? argmax.data_ptr<int64_t>() : nullptr;
-  const Tensor kept = (targets != ignore_index);
-  const Tensor n_kept = kept.sum().to(at::kDouble);
-  Tensor d_hidden = at::empty({0}, f32), d_weight = at::empty({0}, f32), d_bias = at::empty({0}, f32);
-  if (compute_grad) {
-    Tensor coef = kept.to(at::kFloat);
-    if (reduction == 1) coef = (kept.to(at::kDouble) / n_kept.clamp_min(1)).to(at::kFloat);
-    coef = coef.contiguous();
-    d_hidden = new_output({p.N, p.E}, f32), d_weight = at::zeros({p.V, p.E}, f32);
-    if (bias.has_value()) d_bias = at::zeros({p.V}, f32);
-    lce_sweep_cuda(p, hidden_c, weight_c, coef.data_ptr<float>(), &d_hidden, &d_weight,
-                   bias.has_value() ? &d_bias : nullptr);
-  } else {
-    lce_sweep_cuda(p, hidden_c, weight_c, nullptr, nullptr, nullptr, nullptr);
-  }
-  Tensor loss;
-  if (reduction == 0) loss = row_loss.to(hidden.scalar_type());
-  else if (reduction == 2) loss = row_loss.to(at::kDouble).sum().to(hidden.scalar_type());
-  else loss = (row_loss.to(at::kDouble).sum() / n_kept.clamp_min(1)).to(hidden.scalar_type());
-  return {loss, sampled, argmax, d_hidden, d_weight, d_bias};
+  return linear_cross_entropy_fwd_impl(
+      LCE_FWD_NAMES, [](const po::LinearCEParams& p, const std::vector<Tensor>& keep, const float* row_coef,
+                        Tensor* d_hidden, Tensor* d_weight, Tensor* d_bias) {
+        lce_sweep_cuda(p, keep[0], keep[1], row_coef, d_hidden, d_weight, d_bias);
+      });
 }
 
 std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_bwd_cuda(const Tensor& hidden, const Tensor& weight,
