@@ -15,34 +15,43 @@ namespace {
 constexpr int64_t kDwBlock = 64;
 
 // Loss, gradient and statistics of n tokens with logits z; real[i] = 1 for a real token. Counts are float
-// within a chunk (exact up to kRTDChunk); the loss and gradient sums are double, as in the Triton kernel:
-// with logits near 1e4 a float sum of a chunk's losses is off by several times torch's own sum.
+// within a chunk (exact up to kRTDChunk). The loss and gradient sums are float over blocks of kSumBlock
+// tokens, added up in double: with logits near 1e4 a float sum over a whole chunk is off by several times
+// torch's own sum, while a double accumulator inside the token loop keeps it from vectorizing.
+constexpr int64_t kSumBlock = 64;
+
 PO_VECTORIZED void rtd_tokens(int64_t n, const float* __restrict z, const int64_t* __restrict corrupted,
                               const int64_t* __restrict original, const float* __restrict real, float loss_weight,
                               float* __restrict grad, float* __restrict loss_tok, double* sums) {
   double loss_sum = 0.0, grad_sum = 0.0;
   float real_n = 0.f, correct = 0.f, tp = 0.f, predicted = 0.f, replaced = 0.f;
-#pragma omp simd reduction(+ : loss_sum, grad_sum, real_n, correct, tp, predicted, replaced)
-  for (int64_t i = 0; i < n; ++i) {
-    const float x = z[i];
-    const float y = corrupted[i] != original[i] ? 1.f : 0.f;
-    const float m = real[i];
-    const float u = fast_exp(-std::fabs(x));  // e^{-|z|}: softplus and sigmoid without overflow
-    const float softplus = (x > 0.f ? x : 0.f) + fast_log(1.f + u);
-    const float sigmoid = (x >= 0.f ? 1.f : u) / (1.f + u);
-    const float pred = x > 0.f ? 1.f : 0.f;
-    // selects, not m * (...): a padding token's NaN logit must not reach the loss
-    const float loss = m != 0.f ? softplus - y * x : 0.f;
-    const float g = m != 0.f ? sigmoid - y : 0.f;
-    loss_sum += loss;
-    grad_sum += g;
-    real_n += m;
-    correct += m * (pred == y ? 1.f : 0.f);
-    tp += m * pred * y;
-    predicted += m * pred;
-    replaced += m * y;
-    grad[i] = g;
-    loss_tok[i] = loss * loss_weight;
+  for (int64_t i0 = 0; i0 < n; i0 += kSumBlock) {
+    const int64_t i1 = std::min(n, i0 + kSumBlock);
+    float block_loss = 0.f, block_grad = 0.f;
+#pragma omp simd reduction(+ : block_loss, block_grad, real_n, correct, tp, predicted, replaced)
+    for (int64_t i = i0; i < i1; ++i) {
+      const float m = real[i];
+      // a padding token's logit (possibly NaN) is replaced, not multiplied by 0: NaN must not reach the sums
+      const float x = m != 0.f ? z[i] : 0.f;
+      const float y = corrupted[i] != original[i] ? 1.f : 0.f;
+      const float u = fast_exp(-std::fabs(x));  // e^{-|z|}: softplus and sigmoid without overflow
+      const float softplus = (x > 0.f ? x : 0.f) + fast_log(1.f + u);
+      const float sigmoid = (x >= 0.f ? 1.f : u) / (1.f + u);
+      const float pred = x > 0.f ? 1.f : 0.f;
+      const float loss = m * (softplus - y * x);
+      const float g = m * (sigmoid - y);
+      block_loss += loss;
+      block_grad += g;
+      real_n += m;
+      correct += m * (pred == y ? 1.f : 0.f);
+      tp += m * pred * y;
+      predicted += m * pred;
+      replaced += m * y;
+      grad[i] = g;
+      loss_tok[i] = loss * loss_weight;
+    }
+    loss_sum += block_loss;
+    grad_sum += block_grad;
   }
   sums[kLossSum] = loss_sum;
   sums[kGradSum] = grad_sum;
