@@ -454,11 +454,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rtd_loss_fwd_cpu(
   return rtd_results(x, loss, sums, grad, dw, loss_weight, reduction);
 }
 
-// dx = coef_t * grad_t * head_weight for hidden states x (coef: [T] or one element).
-Tensor rtd_loss_head_bwd_cpu(const Tensor& grad, const Tensor& coef, const Tensor& head_weight, const Tensor& x) {
+// dx = coef_t * grad_t * head_weight for hidden states x (coef: [T] or one element). Shared by the devices;
+// launch(p, grad, coef, coef_stride, dx) runs the device's kernel.
+template <typename Launch>
+Tensor rtd_loss_head_bwd_impl(const Tensor& grad, const Tensor& coef, const Tensor& head_weight, const Tensor& x,
+                              Launch launch) {
   CHECK_DTYPE(grad, at::kFloat);
   CHECK_DTYPE(coef, at::kFloat);
   CHECK_FLOATING(x);
+  const auto dev = x.device();
+  CHECK_DEVICE(grad, dev);
+  CHECK_DEVICE(coef, dev);
+  CHECK_DEVICE(head_weight, dev);
   const int64_t Dd = x.size(-1), T = x.numel() / std::max<int64_t>(Dd, 1);
   CHECK_SHAPE(grad, T);
   CHECK_SHAPE(head_weight, Dd);
@@ -469,9 +476,12 @@ Tensor rtd_loss_head_bwd_cpu(const Tensor& grad, const Tensor& coef, const Tenso
   Tensor w = f32c(head_weight), gc = grad.contiguous(), cc = coef.contiguous();
   p.head_weight = w.data_ptr<float>();
   Tensor dx = new_output(x.sizes(), x.options());
-  if (T > 0) po::cpu::rtd_loss_head_backward(p, gc.data_ptr<float>(), cc.data_ptr<float>(), coef.numel() == 1 ? 0 : 1,
-                                             dx.data_ptr());
+  if (T > 0) launch(p, gc.data_ptr<float>(), cc.data_ptr<float>(), coef.numel() == 1 ? 0 : 1, dx.data_ptr());
   return dx;
+}
+
+Tensor rtd_loss_head_bwd_cpu(const Tensor& grad, const Tensor& coef, const Tensor& head_weight, const Tensor& x) {
+  return rtd_loss_head_bwd_impl(grad, coef, head_weight, x, po::cpu::rtd_loss_head_backward);
 }
 
 // ---- linear + cross-entropy ----
@@ -709,28 +719,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rtd_loss_fwd_cuda(
 }
 
 Tensor rtd_loss_head_bwd_cuda(const Tensor& grad, const Tensor& coef, const Tensor& head_weight, const Tensor& x) {
-  CHECK_DTYPE(grad, at::kFloat);
-  CHECK_DTYPE(coef, at::kFloat);
-  CHECK_FLOATING(x);
-  const auto dev = x.device();
-  CHECK_DEVICE(grad, dev);
-  CHECK_DEVICE(coef, dev);
-  CHECK_DEVICE(head_weight, dev);
-  const c10::cuda::CUDAGuard guard(dev);
-  const int64_t Dd = x.size(-1), T = x.numel() / std::max<int64_t>(Dd, 1);
-  CHECK_SHAPE(grad, T);
-  CHECK_SHAPE(head_weight, Dd);
-  TORCH_CHECK(coef.numel() == 1 || coef.numel() == T, "coef must have 1 or ", T, " elements, got ", coef.numel());
-  po::RTDParams p;
-  p.dtype = to_dtype(x.scalar_type());
-  p.T = T, p.Dd = Dd;
-  Tensor w = f32c(head_weight), gc = grad.contiguous(), cc = coef.contiguous();
-  p.head_weight = w.data_ptr<float>();
-  Tensor dx = new_output(x.sizes(), x.options());
-  po::cuda::rtd_loss_head_backward(p, gc.data_ptr<float>(), cc.data_ptr<float>(), coef.numel() == 1 ? 0 : 1,
-                                   dx.data_ptr(), current_stream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return dx;
+  const c10::cuda::CUDAGuard guard(x.device());
+  return rtd_loss_head_bwd_impl(grad, coef, head_weight, x,
+                                [](const po::RTDParams& p, const float* g, const float* c, int64_t stride, void* dx) {
+                                  po::cuda::rtd_loss_head_backward(p, g, c, stride, dx, current_stream());
+                                  C10_CUDA_KERNEL_LAUNCH_CHECK();
+                                });
 }
 
 void check_lce_devices(const Tensor& hidden, const Tensor& weight, const OptTensor& bias, const Tensor& targets) {
