@@ -139,7 +139,10 @@ def _lce_fwd_kernel(
     out = pid_s * N + rows
     # ssum == 0: no finite logit; NaN (a NaN logit) must reach the loss, as in the reference
     has_sum = kept & (ssum != 0)
-    tl.store(lse_ptr + out, tl.where(has_sum, m + tl.log(tl.where(has_sum, ssum, 1.0)), 0.0), mask=r_ok)
+    # max and log(sum) stay apart: their float32 sum would be off by up to half an ulp of the max
+    # (5e-4 at logits of 1e4), an error every probability of the backward would inherit
+    tl.store(lse_ptr + 2 * out, tl.where(has_sum, m, 0.0), mask=r_ok)
+    tl.store(lse_ptr + 2 * out + 1, tl.where(has_sum, tl.log(tl.where(has_sum, ssum, 1.0)), 0.0), mask=r_ok)
     tl.store(tgl_ptr + out, tlogit, mask=r_ok)
     if SAMPLE:
         tl.store(smax_ptr + out, s_best, mask=r_ok)
@@ -168,7 +171,8 @@ def _lce_bwd_dh_kernel(
     kept = r < n_keep
     rows = tl.load(order_ptr + r, mask=r_ok, other=0).to(tl.int64)
     tgt = tl.where(kept, tl.load(tgt_ptr + rows * s_t, mask=r_ok & kept, other=-1).to(tl.int32), -1)
-    lse = tl.load(lse_ptr + rows, mask=r_ok & kept, other=0)
+    row_max = tl.load(lse_ptr + 2 * rows, mask=r_ok & kept, other=0)
+    row_logl = tl.load(lse_ptr + 2 * rows + 1, mask=r_ok & kept, other=0)
     coef = tl.where(kept, tl.load(coef_ptr + rows * coef_stride, mask=r_ok & kept, other=0).to(ACC), 0.0)
     eo = pid_e * BLOCK_EO + tl.arange(0, BLOCK_EO)
     eo_ok = eo < E
@@ -185,8 +189,8 @@ def _lce_bwd_dh_kernel(
                          s_hn, s_he, s_wv, s_we, BLOCK_E, DOT_DT, PREC, ACC)
         if HAS_BIAS:
             z += tl.load(b_ptr + v, mask=v_ok, other=0).to(ACC)[None, :]
-        # ignored rows (coef 0, lse 0) select 0: exp(z) of their logits may overflow, and inf * 0 is NaN
-        p = tl.where(v_ok[None, :] & kept[:, None], tl.exp(z - lse[:, None]), 0.0)
+        # ignored rows (coef 0, statistics 0) select 0: exp(z) of their logits may overflow, and inf * 0 is NaN
+        p = tl.where(v_ok[None, :] & kept[:, None], tl.exp((z - row_max[:, None]) - row_logl[:, None]), 0.0)
         dz = (p - tl.where(v[None, :] == tgt[:, None], 1.0, 0.0)) * coef[:, None]
         wt = tl.load(w_ptr + v64[:, None] * s_wv + eo[None, :] * s_we, mask=v_ok[:, None] & eo_ok[None, :], other=0)
         acc = tl.dot(_cast(dz, IN_DT, INTERP).to(DOT_DT), wt.to(DOT_DT), acc, input_precision=PREC, out_dtype=ACC)
@@ -215,7 +219,6 @@ def _lce_bwd_dw_kernel(
     v64 = v.to(tl.int64)
     eo = pid_e * BLOCK_EO + tl.arange(0, BLOCK_EO)
     eo_ok = eo < E
-    offs_e = tl.arange(0, BLOCK_E)
     offs_n = tl.arange(0, BLOCK_N)
     if HAS_BIAS:
         bias = tl.load(b_ptr + v, mask=v_ok, other=0).to(ACC)
@@ -227,18 +230,16 @@ def _lce_bwd_dw_kernel(
         kept = r < n_keep
         rows = tl.load(order_ptr + r, mask=kept, other=0).to(tl.int64)
         tgt = tl.where(kept, tl.load(tgt_ptr + rows * s_t, mask=kept, other=-1).to(tl.int32), -1)
-        lse = tl.load(lse_ptr + rows, mask=kept, other=0)
+        row_max = tl.load(lse_ptr + 2 * rows, mask=kept, other=0)
+        row_logl = tl.load(lse_ptr + 2 * rows + 1, mask=kept, other=0)
         coef = tl.where(kept, tl.load(coef_ptr + rows * coef_stride, mask=kept, other=0).to(ACC), 0.0)
-        zt = tl.zeros([BLOCK_V, BLOCK_N], ACC)
-        for e0 in range(0, E, BLOCK_E):
-            e = e0 + offs_e
-            e_ok = e < E
-            a = tl.load(w_ptr + v64[:, None] * s_wv + e[None, :] * s_we, mask=v_ok[:, None] & e_ok[None, :], other=0)
-            b = tl.load(h_ptr + rows[None, :] * s_hn + e[:, None] * s_he, mask=kept[None, :] & e_ok[:, None], other=0)
-            zt = tl.dot(a.to(DOT_DT), b.to(DOT_DT), zt, input_precision=PREC, out_dtype=ACC)
+        # the forward's orientation (rows x vocabulary), then transposed: computed as weight @ hidden.T
+        # the logits may round differently (operand roles), and at |logit| ~ 1e4 one ulp is 1e-3
+        zt = tl.trans(_logits_tile(tl.zeros([BLOCK_N, BLOCK_V], ACC), h_ptr, w_ptr, rows, kept, v64, v_ok, E,
+                                   s_hn, s_he, s_wv, s_we, BLOCK_E, DOT_DT, PREC, ACC))
         if HAS_BIAS:
             zt += bias[:, None]
-        p = tl.where(v_ok[:, None] & kept[None, :], tl.exp(zt - lse[None, :]), 0.0)
+        p = tl.where(v_ok[:, None] & kept[None, :], tl.exp((zt - row_max[None, :]) - row_logl[None, :]), 0.0)
         dzt = (p - tl.where(v[:, None] == tgt[None, :], 1.0, 0.0)) * coef[None, :]
         if DB:
             db += tl.sum(dzt, 1)
@@ -332,7 +333,7 @@ _lib.define("linear_cross_entropy_bwd(Tensor grad_loss, Tensor hidden, Tensor we
 @torch.library.register_kernel(OP_FWD, ("cpu", "cuda"))
 def _lce_fwd(hidden, weight, bias, targets, ignore_index, reduction, sample, temperature, seed, disallow,
              want_argmax):
-    """``(loss, sampled [N] or [0], argmax [N] or [0], row order, kept-row count [1], lse [N], mean's
+    """``(loss, sampled [N] or [0], argmax [N] or [0], row order, kept-row count [1], row max and log-sum [N, 2], mean's
     denominator [] or [0])``; the last four are what the backward pass reads."""
     N, E = hidden.shape
     V = weight.shape[0]
@@ -348,7 +349,7 @@ def _lce_fwd(hidden, weight, bias, targets, ignore_index, reduction, sample, tem
     BN, BV, BE = cfg["fwd"]
     row_blocks = triton.cdiv(N, BN)
     S, per = _splits(row_blocks, triton.cdiv(V, BV), cfg, "fwd_splits")
-    lse_p = new_output((S, N), acc, dev)
+    stats_p = new_output((S, N, 2), acc, dev)
     tgl_p = new_output((S, N), acc, dev)
     smax = new_output((S, N), torch.float32, dev) if sample else None
     sidx = new_output((S, N), torch.int32, dev) if sample else None
@@ -358,8 +359,8 @@ def _lce_fwd(hidden, weight, bias, targets, ignore_index, reduction, sample, tem
         _lce_fwd_kernel[(row_blocks, S)](
             hidden, weight, bias if bias is not None else weight, targets, order, n_keep,
             disallow if disallow is not None else targets,
-            lse_p, tgl_p, smax if sample else lse_p, sidx if sample else order,
-            amax if want_argmax else lse_p, aidx if want_argmax else order,
+            stats_p, tgl_p, smax if sample else tgl_p, sidx if sample else order,
+            amax if want_argmax else tgl_p, aidx if want_argmax else order,
             N, V, E, int(seed) if sample else 0, float(temperature), per,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), targets.stride(0),
             disallow.stride(0) if disallow is not None else 0,
@@ -368,10 +369,13 @@ def _lce_fwd(hidden, weight, bias, targets, ignore_index, reduction, sample, tem
             INTERP=interp, BLOCK_N=BN, BLOCK_V=BV, BLOCK_E=BE, num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"])
     if S == 1:
-        lse, tlogit = lse_p[0], tgl_p[0]
-    else:
-        lse, tlogit = torch.logsumexp(lse_p, 0), tgl_p.sum(0)
-    per_row = torch.where(keep, lse - tlogit, torch.zeros_like(lse))
+        stats, tlogit = stats_p[0], tgl_p[0]
+    else:  # splits merge like the online softmax: max of the maxima, sums rescaled to it
+        row_max = stats_p[..., 0].amax(0)
+        logl = torch.log(torch.exp(stats_p[..., 0] - row_max + stats_p[..., 1]).sum(0))
+        stats, tlogit = torch.stack((row_max, logl), -1), tgl_p.sum(0)
+    # (max - target logit) first: near-equal large logits cancel exactly before log(sum) is added
+    per_row = torch.where(keep, (stats[:, 0] - tlogit) + stats[:, 1], torch.zeros_like(tlogit))
     denom = None
     if reduction == "none":
         loss = per_row.to(dt)
@@ -384,8 +388,8 @@ def _lce_fwd(hidden, weight, bias, targets, ignore_index, reduction, sample, tem
     sampled = sidx.gather(0, smax.argmax(0, keepdim=True))[0].long() if sample else no_ids()
     argmax = aidx.gather(0, amax.argmax(0, keepdim=True))[0].long() if want_argmax else no_ids()
     if denom is None:
-        denom = lse.new_empty(0, dtype=torch.float64)
-    return loss, sampled, argmax, order, n_keep, lse, denom
+        denom = tlogit.new_empty(0, dtype=torch.float64)
+    return loss, sampled, argmax, order, n_keep, stats, denom
 
 
 @torch.library.register_fake(OP_FWD)
@@ -396,7 +400,7 @@ def _lce_fwd_fake(hidden, weight, bias, targets, ignore_index, reduction, sample
     i64 = dict(dtype=torch.int64)
     return (hidden.new_empty(N if reduction == "none" else ()), hidden.new_empty(N if sample else 0, **i64),
             hidden.new_empty(N if want_argmax else 0, **i64), hidden.new_empty(N, dtype=torch.int32),
-            hidden.new_empty(1, dtype=torch.int32), hidden.new_empty(N, dtype=acc),
+            hidden.new_empty(1, dtype=torch.int32), hidden.new_empty(N, 2, dtype=acc),
             hidden.new_empty(() if reduction == "mean" else 0, dtype=torch.float64))
 
 

@@ -1,6 +1,6 @@
 """Triton two-stream relative attention: forward and backward, every feature of the spec.
 
-FlashAttention-style: online softmax with fp32 accumulation, the row logsumexp saved
+FlashAttention-style: online softmax with fp32 accumulation, the row max and log-sum saved
 for the backward pass, probabilities recomputed there. Nothing of size
 ``B*H*Lq*Lk`` or ``B*H*Lq*R`` is materialised.
 
@@ -22,7 +22,7 @@ skew picks column ``(m0 + BM - 1 - pos) + c`` for key ``n0 + c`` (``tl.gather``)
 bias products ``r_w_bias . k_j`` and ``r_r_bias . r_t`` are precomputed in fp32 per key
 and per r row, so ``q + bias`` is never rounded to half precision.
 
-Backward: ``delta = rowsum(dO * O)`` on the host, then three kernels that each
+Backward: ``delta = rowsum(dO * O)`` (from a float32 copy of O for half inputs), then three kernels that each
 recompute P: dq (per row set, also dq's content / position parts for the bias
 gradients and the per-row segment terms), dk/dv (per key block, over all row
 sets of the batch) and dr (per block diagonal ``n_blk - m_blk``: all tiles on a
@@ -238,9 +238,12 @@ def _row_inputs(
 
 
 @triton.jit
-def _probs(s, vis, lse, empty, row_ok, key_ok, Lk, EMPTY_UNIFORM: tl.constexpr):
-    """Recomputed probabilities; an empty row has lse = +inf (all zero) or, with "uniform", 1/Lk."""
-    p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+def _probs(s, vis, row_max, row_logl, empty, row_ok, key_ok, Lk, EMPTY_UNIFORM: tl.constexpr):
+    """Recomputed probabilities ``exp((s - max) - log(sum))``: the two statistics are kept apart because
+    ``max + log(sum)`` rounded to one float32 is off by up to half an ulp of the max (5e-4 at scores of
+    1e4), which every recomputed probability would inherit. An empty row has max = +inf (all zero) or,
+    with "uniform", 1/Lk."""
+    p = tl.where(vis, tl.exp((s - row_max[:, None]) - row_logl[:, None]), 0.0)
     if EMPTY_UNIFORM:
         p = tl.where(empty[:, None] & row_ok[:, None] & key_ok[None, :], 1.0 / Lk, p)
     return p
@@ -331,13 +334,14 @@ def _fwd_rows(
                 acc_u += _dot(pu.to(v.dtype), v, DOT_PREC)
             out = tl.where(empty[:, None], acc_u, out)
     m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
-    lse = tl.where(empty, float("inf"), m_fin + tl.log(tl.where(empty, 1.0, l_i)))
     tl.store(
         o_ptr + b * s_ob + rows[:, None] * s_ol + h * s_oh + d[None, :] * s_od,
         out.to(o_ptr.dtype.element_ty),
         mask=row_ok[:, None] & d_ok[None, :],
     )
-    tl.store(lse_ptr + b * s_lse_b + h * s_lse_h + rows, lse, mask=row_ok)
+    stats = lse_ptr + b * s_lse_b + h * s_lse_h + 2 * rows
+    tl.store(stats, tl.where(empty, float("inf"), m_fin), mask=row_ok)
+    tl.store(stats + 1, tl.where(empty, 0.0, tl.log(tl.where(empty, 1.0, l_i))), mask=row_ok)
 
 
 @triton.jit
@@ -369,14 +373,16 @@ def _bwd_rows_setup(
         mask=row_ok[:, None] & (d[None, :] < D),
         other=0.0,
     )
-    lse = tl.load(lse_ptr + b * s_lse_b + h * s_lse_h + rows, mask=row_ok, other=float("inf"))
-    delta = tl.load(delta_ptr + b * s_lse_b + h * s_lse_h + rows, mask=row_ok, other=0.0)
-    return rows, pos, row_ok, drop_off, xq, rw, rr, e0, e1, qrank_row, segq_row, do, lse, delta
+    stats = lse_ptr + b * s_lse_b + h * s_lse_h + 2 * rows
+    row_max = tl.load(stats, mask=row_ok, other=float("inf"))
+    row_logl = tl.load(stats + 1, mask=row_ok, other=0.0)
+    delta = tl.load(delta_ptr + b * s_lse_b + h * s_lse_h + 2 * rows, mask=row_ok, other=0.0)
+    return rows, pos, row_ok, drop_off, xq, rw, rr, e0, e1, qrank_row, segq_row, do, row_max, row_logl, delta
 
 
 @triton.jit
 def _bwd_tile(
-    xq, rw, rr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do, lse, delta, drop_off, n0, m0, b, h, k_ptr,
+    xq, rw, rr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do, row_max, row_logl, delta, drop_off, n0, m0, b, h, k_ptr,
     s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr,
     s_bias_h, wk_ptr, rrr_ptr, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b, s_tpos_p,
     qrank_ptr, s_qrank_b,
@@ -396,7 +402,7 @@ def _bwd_tile(
         SEG_IDS, SEG_DENSE, HAS_T5, HAS_R, SEES_SELF, DOT_PREC, BM, BN, BAND,
     )
     key_ok = (n0 + tl.arange(0, BN)) < Lk
-    p = _probs(s, vis, lse, lse == float("inf"), row_ok, key_ok, Lk, EMPTY_UNIFORM)
+    p = _probs(s, vis, row_max, row_logl, row_max == float("inf"), row_ok, key_ok, Lk, EMPTY_UNIFORM)
     dp = _dot(do, tl.trans(v), DOT_PREC)
     pd = p
     if HAS_DROPOUT:
@@ -433,7 +439,7 @@ def _dq_rows(
     HAS_DROPOUT: tl.constexpr, EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, BD: tl.constexpr, BAND: tl.constexpr,
 ):
-    rows, pos, row_ok, drop_off, xq, rw, rr, e0, e1, qrank_row, segq_row, do, lse, delta = _bwd_rows_setup(
+    rows, pos, row_ok, drop_off, xq, rw, rr, e0, e1, qrank_row, segq_row, do, row_max, row_logl, delta = _bwd_rows_setup(
         b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, do_ptr, s_dob, s_dol, s_doh, s_dod, lse_ptr,
         delta_ptr, s_lse_b, s_lse_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr,
         s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, wk_ptr, rrr_ptr, se_ptr, s_se_s, s_se_h, sorted_ptr,
@@ -456,7 +462,7 @@ def _dq_rows(
         if HAS_R:
             rband = _load_band(r_ptr + b * s_rb + h * s_rh, s_rr, s_rd, Lq - (m0 + BM - 1) + n0, R, D, BAND, BD)
         pd, ds, differ = _bwd_tile(
-            xq, rw, rr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do, lse, delta, drop_off, n0, m0, b, h,
+            xq, rw, rr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do, row_max, row_logl, delta, drop_off, n0, m0, b, h,
             k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr,
             rr_ptr, rs_ptr, s_bias_h, wk_ptr, rrr_ptr, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr,
             s_tpos_b, s_tpos_p,
@@ -551,7 +557,7 @@ def _kv_rows(
     EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     BAND: tl.constexpr,
 ):
-    rows, pos, row_ok, drop_off, xq, rw, rr, e0, e1, qrank_row, segq_row, do, lse, delta = _bwd_rows_setup(
+    rows, pos, row_ok, drop_off, xq, rw, rr, e0, e1, qrank_row, segq_row, do, row_max, row_logl, delta = _bwd_rows_setup(
         b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, do_ptr, s_dob, s_dol, s_doh, s_dod, lse_ptr,
         delta_ptr, s_lse_b, s_lse_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr,
         s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, wk_ptr, rrr_ptr, se_ptr, s_se_s, s_se_h, sorted_ptr,
@@ -566,7 +572,7 @@ def _kv_rows(
     if HAS_R:
         rband = _load_band(r_ptr + b * s_rb + h * s_rh, s_rr, s_rd, Lq - (m0 + BM - 1) + n0, R, D, BAND, BD)
     pd, ds, differ = _bwd_tile(
-        xq, rw, rr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do, lse, delta, drop_off, n0, m0, b, h,
+        xq, rw, rr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do, row_max, row_logl, delta, drop_off, n0, m0, b, h,
         k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr,
         rs_ptr, s_bias_h, wk_ptr, rrr_ptr, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b,
         s_tpos_p, qrank_ptr,
@@ -656,7 +662,7 @@ def _dr_rows(
     EMPTY_UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     BAND: tl.constexpr,
 ):
-    rows, pos, row_ok, drop_off, xq, rw, rr, e0, e1, qrank_row, segq_row, do, lse, delta = _bwd_rows_setup(
+    rows, pos, row_ok, drop_off, xq, rw, rr, e0, e1, qrank_row, segq_row, do, row_max, row_logl, delta = _bwd_rows_setup(
         b, h, m_blk, c_start, c_count, x_ptr, s_xb, s_xl, s_xh, s_xd, do_ptr, s_dob, s_dol, s_doh, s_dod, lse_ptr,
         delta_ptr, s_lse_b, s_lse_h, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr,
         s_rh, s_rd, rw_ptr, rr_ptr, rs_ptr, s_bias_h, wk_ptr, rrr_ptr, se_ptr, s_se_s, s_se_h, sorted_ptr,
@@ -670,7 +676,7 @@ def _dr_rows(
     n0 = m0 + diag * BN
     k, v = _load_kv(b, h, n0, k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, Lk, D, BN, BD)
     pd, ds, differ = _bwd_tile(
-        xq, rw, rr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do, lse, delta, drop_off, n0, m0, b, h,
+        xq, rw, rr, e0, e1, k, v, rband, pos, row_ok, qrank_row, segq_row, do, row_max, row_logl, delta, drop_off, n0, m0, b, h,
         k_ptr, s_kb, s_kl, s_kh, s_kd, v_ptr, s_vb, s_vl, s_vh, s_vd, r_ptr, s_rb, s_rr, s_rh, s_rd, rw_ptr, rr_ptr,
         rs_ptr, s_bias_h, wk_ptr, rrr_ptr, se_ptr, s_se_s, s_se_h, sorted_ptr, s_sorted_b, tpos_ptr, s_tpos_b,
         s_tpos_p, qrank_ptr,
@@ -746,6 +752,30 @@ def _dr_kernel(
     d = tl.arange(0, BD)
     tl.store(dr_part_ptr + base * BAND * BD + w[:, None] * BD + d[None, :], dr)
     tl.store(dt_part_ptr + base * BAND + w, dt)
+
+
+@triton.jit
+def _delta_kernel(
+    do_ptr, s_dob, s_dol, s_doh, s_dod, o_ptr, s_ob, s_ol, s_oh, s_od, delta_ptr, s_delta_b, s_delta_h, L, D, n_lb,
+    ROWS: tl.constexpr, BD: tl.constexpr,
+):
+    """``delta = rowsum(dO * O)`` as the diagonal of ``dO @ O^T``: the backward kernels form
+    ``dp = dO @ v^T`` with the same kind of dot, so on a row with one visible key (O equals that
+    key's value) delta equals dp bit for bit and the row's score gradient is exactly 0, as
+    autograd's; a plain row sum rounds differently, and the gradient multiplies that by |k|."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b = pid // n_lb
+    rows = (pid % n_lb) * ROWS + tl.arange(0, ROWS)
+    d = tl.arange(0, BD)
+    mask = (rows < L)[:, None] & (d < D)[None, :]
+    do = tl.load(do_ptr + b * s_dob + rows[:, None] * s_dol + h * s_doh + d[None, :] * s_dod, mask=mask, other=0.0)
+    o = tl.load(o_ptr + b * s_ob + rows[:, None] * s_ol + h * s_oh + d[None, :] * s_od, mask=mask, other=0.0)
+    # O is float32 (the output's float32 copy for half inputs): exact products, no rounding of O
+    prod = tl.dot(do.to(tl.float32), tl.trans(o.to(tl.float32)), input_precision="ieee")
+    same = tl.arange(0, ROWS)[:, None] == tl.arange(0, ROWS)[None, :]
+    delta = tl.sum(tl.where(same, prod, 0.0), axis=1)
+    tl.store(delta_ptr + b * s_delta_b + h * s_delta_h + 2 * rows, delta, mask=rows < L)
 
 
 @triton.jit
@@ -957,8 +987,21 @@ class _Launch:
         return dict(self.consts(), BN=self.BM, num_warps=1 if _interpreting() else 8, num_stages=1)
 
 
-def _lse_buffers(B, H, L, device):
-    return torch.empty(B, H, max(L, 1), dtype=torch.float32, device=device)
+def _row_stats(B, H, L, device):
+    """Per-row softmax statistics ``[B, H, L, 2]``: the row max of the scores and ``log(sum exp(s - max))``."""
+    return torch.empty(B, H, max(L, 1), 2, dtype=torch.float32, device=device)
+
+
+def _delta(do, out, stats, BD):
+    """``rowsum(dO * O)`` laid out like the row statistics (slot 0), so both share the kernels' strides."""
+    delta = torch.empty_like(stats)
+    B, L, H, D = out.shape
+    if B * L * H:
+        rows = 16
+        n_lb = triton.cdiv(L, rows)
+        _delta_kernel[(B * n_lb, H)](do, *do.stride(), out, *out.stride(), delta, *delta.stride()[:2], L, D, n_lb,
+                                     ROWS=rows, BD=BD, num_warps=4 if not _interpreting() else 1)
+    return delta
 
 
 #: The op's arguments, in schema order (the native backend's ``pyobjectives::two_stream_attention_fwd`` order).
@@ -981,7 +1024,7 @@ OP_FWD, OP_BWD = "pyobjectives_triton::two_stream_attention_fwd", "pyobjectives_
 # The Triton launches are opaque registered ops (fake kernels below, autograd formula registered), so
 # torch.compile and torch.export see one op each and never run the launchers on fake tensors.
 _lib = torch.library.Library("pyobjectives_triton", "FRAGMENT")
-_lib.define(f"two_stream_attention_fwd({_SCHEMA_ARGS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+_lib.define(f"two_stream_attention_fwd({_SCHEMA_ARGS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 _lib.define(f"two_stream_attention_bwd(Tensor do_h, Tensor do_g, Tensor out_h, Tensor out_g, Tensor lse_h, "
             f"Tensor lse_g, Tensor sorted_rows, Tensor chunks, Tensor chunk_ptr, {_SCHEMA_ARGS}) -> Tensor[]")
 
@@ -1008,23 +1051,31 @@ def _launch(a, aux, cfg, chunks=None):
 
 @torch.library.register_kernel(OP_FWD, ("cpu", "cuda"))
 def _attention_fwd(*args):
-    """``(out_h, out_g, lse_h, lse_g, sorted_rows, chunks, chunk_ptr)``; the query-chunk layout is
-    returned so that the backward pass reuses it instead of sorting again (a second host sync)."""
+    """``(out_h, out_g, stats_h, stats_g, sorted_rows, chunks, chunk_ptr, out32_h, out32_g)``.
+
+    The query-chunk layout is returned so that the backward pass reuses it instead of sorting
+    again (a second host sync). For half-precision inputs the kernel writes the output in
+    float32 (``out32_*``, empty for float32 inputs) and the backward takes ``delta = rowsum(dO * O)``
+    from it: from the rounded output, delta is off by up to an ulp of half precision, which turns
+    into gradient noise where the exact answer is ~0 (rows with one visible key). The price is
+    4 instead of 2 bytes per saved output element.
+    """
     a = dict(zip(_ARGS, args))
     q, q_g, target_pos = a["q"], a["q_g"], a["target_pos"]
     aux, cfg = _aux_cfg(a)
     launch = _launch(a, aux, cfg)
     B, Lq, H, D = q.shape
     P = launch.P
-    out_h = new_output(q.shape, q.dtype, q.device)
-    lse_h = _lse_buffers(B, H, Lq, q.device)
+    acc_dtype = torch.float32
+    out_h = new_output(q.shape, acc_dtype, q.device)
+    lse_h = _row_stats(B, H, Lq, q.device)
     if q_g is not None:
-        out_g = new_output(q_g.shape, q.dtype, q.device)
-        lse_g = _lse_buffers(B, H, P, q.device)
+        out_g = new_output(q_g.shape, acc_dtype, q.device)
+        lse_g = _row_stats(B, H, P, q.device)
         qg_args = (q_g, *q_g.stride())
         og_args = (out_g, *out_g.stride())
     else:
-        out_g, lse_g = q.new_empty(B, 0, H, D), lse_h.new_empty(B, H, 0)
+        out_g, lse_g = q.new_empty(B, 0, H, D, dtype=acc_dtype), lse_h.new_empty(B, H, 0, 2)
         qg_args, og_args = (q, *q.stride()), (out_h, *out_h.stride())
     n_content = B * launch.n_mb
     _fwd_kernel[(n_content + launch.n_chunks, H)](
@@ -1035,7 +1086,10 @@ def _attention_fwd(*args):
     if q_g is not None:
         # padding rows belong to no chunk
         out_g.masked_fill_(_padding_rows(target_pos, Lq)[:, :, None, None], 0.0)
-    return out_h, out_g, lse_h, lse_g, launch.sorted_rows, launch.chunks[: launch.n_chunks], launch.chunk_ptr
+    layout = (lse_h, lse_g, launch.sorted_rows, launch.chunks[: launch.n_chunks], launch.chunk_ptr)
+    if q.dtype == acc_dtype:
+        return (out_h, out_g, *layout, q.new_empty(0), q.new_empty(0))
+    return (out_h.to(q.dtype), out_g.to(q.dtype), *layout, out_h, out_g)
 
 
 @torch.library.register_fake(OP_FWD)
@@ -1044,22 +1098,28 @@ def _attention_fwd_fake(*args):
     q, q_g = a["q"], a["q_g"]
     B, Lq, H, D = q.shape
     i32, f32 = dict(dtype=torch.int32), dict(dtype=torch.float32)
+    half = q.dtype != torch.float32
+    out32 = lambda shape: q.new_empty(shape if half else (0,), **f32)  # noqa: E731
     if q_g is None:
-        return (q.new_empty(q.shape), q.new_empty(B, 0, H, D), q.new_empty(B, H, max(Lq, 1), **f32),
-                q.new_empty(B, H, 0, **f32), q.new_empty(B, 1, **i32), q.new_empty(0, 4, **i32),
-                q.new_empty(B + 1, **i32))
+        return (q.new_empty(q.shape), q.new_empty(B, 0, H, D), q.new_empty(B, H, max(Lq, 1), 2, **f32),
+                q.new_empty(B, H, 0, 2, **f32), q.new_empty(B, 1, **i32), q.new_empty(0, 4, **i32),
+                q.new_empty(B + 1, **i32), out32(q.shape), out32((B, 0, H, D)))
     P = q_g.shape[1]
     n_chunks = torch.library.get_ctx().new_dynamic_size()  # data-dependent: how target_pos falls into blocks
-    return (q.new_empty(q.shape), q.new_empty(q_g.shape), q.new_empty(B, H, max(Lq, 1), **f32),
-            q.new_empty(B, H, max(P, 1), **f32), q.new_empty(B, P, **i32), q.new_empty(n_chunks, 4, **i32),
-            q.new_empty(B + 1, **i32))
+    return (q.new_empty(q.shape), q.new_empty(q_g.shape), q.new_empty(B, H, max(Lq, 1), 2, **f32),
+            q.new_empty(B, H, max(P, 1), 2, **f32), q.new_empty(B, P, **i32), q.new_empty(n_chunks, 4, **i32),
+            q.new_empty(B + 1, **i32), out32(q.shape), out32(q_g.shape))
 
 
 def _attention_setup(ctx, inputs, output):
     is_tensor = [isinstance(x, torch.Tensor) for x in inputs]
     ctx.is_tensor = is_tensor
     ctx.scalars = [None if t else x for t, x in zip(is_tensor, inputs)]
-    ctx.save_for_backward(*[x for x, t in zip(inputs, is_tensor) if t], *output)
+    out_h, out_g, *layout, out32_h, out32_g = output
+    # the backward needs the output only for delta, from the float32 copy where there is one
+    if out_h.dtype != torch.float32:
+        out_h, out_g = out32_h, out32_g
+    ctx.save_for_backward(*[x for x, t in zip(inputs, is_tensor) if t], out_h, out_g, *layout)
 
 
 def _attention_backward(ctx, do_h, do_g, *_):
@@ -1068,8 +1128,9 @@ def _attention_backward(ctx, do_h, do_g, *_):
     tensors = iter(saved[:-7])
     args = [next(tensors) if t else s for t, s in zip(ctx.is_tensor, ctx.scalars)]
     out_h, out_g = out[0], out[1]
-    do_h = torch.zeros_like(out_h) if do_h is None else do_h
-    do_g = torch.zeros_like(out_g) if do_g is None else do_g
+    dtype = args[0].dtype
+    do_h = out_h.new_zeros(out_h.shape, dtype=dtype) if do_h is None else do_h
+    do_g = out_g.new_zeros(out_g.shape, dtype=dtype) if do_g is None else do_g
     grads = torch.ops.pyobjectives_triton.two_stream_attention_bwd(do_h, do_g, *out, *args)
     named = dict(zip(_ARGS, args))
     return tuple(grads[_GRAD_OF[name]] if name in _GRAD_OF and named[name] is not None else None for name in _ARGS)
@@ -1100,9 +1161,9 @@ def _attention_bwd(do_h, do_g, out_h, out_g, lse_h, lse_g, sorted_rows, chunks, 
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     dev = q.device
-    delta_h = (do_h.float() * out_h.float()).sum(-1).transpose(1, 2).contiguous()
+    delta_h = _delta(do_h, out_h, lse_h, launch.BD)
     if q_g is not None:
-        delta_g = (do_g.float() * out_g.float()).sum(-1).transpose(1, 2).contiguous()
+        delta_g = _delta(do_g, out_g, lse_g, launch.BD)
         g_rows = (q_g, *q_g.stride(), do_g, *do_g.stride(), lse_g, delta_g, *lse_g.stride()[:2])
     else:
         delta_g = delta_h

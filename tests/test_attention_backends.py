@@ -263,6 +263,16 @@ for kernel, dt, D, BN, warps, stages, switches in (
                        options=dict(num_warps=warps, num_stages=stages))
     except Exception as exc:
         failed.append(f"{fn.__name__} {dt} D={D} {switches}: {type(exc).__name__}: {str(exc)[:800]}")
+for dt in ("*bf16", "*fp32"):
+    fn = A._delta_kernel
+    consts = dict(ROWS=16, BD=64)
+    signature = {a: ("constexpr" if a in consts else "*fp32" if a in ("o_ptr", "delta_ptr") else dt if a == "do_ptr"
+                     else "i32") for a in fn.arg_names}
+    try:
+        triton.compile(ASTSource(fn, signature, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=4, num_stages=1))
+    except Exception as exc:
+        failed.append(f"{fn.__name__} {dt}: {type(exc).__name__}: {str(exc)[:800]}")
 print("\n".join(failed) or "all compiled")
 sys.exit(1 if failed else 0)
 '''
@@ -271,7 +281,7 @@ sys.exit(1 if failed else 0)
 @requires_triton
 def test_kernels_compile_for_sm90_without_a_gpu():
     """The interpreter does not exercise GPU lowering (layouts, tl.gather, constexpr sizes): compile the four
-    kernels with every feature switched on, at the H100 tile sizes, to a cubin for sm_90 with Triton's ptxas."""
+    kernels (and the delta pre-pass) with every feature switched on, at the H100 tile sizes, to a cubin for sm_90 with Triton's ptxas."""
     import os
     import subprocess
     import sys

@@ -25,17 +25,6 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread")]
 
 NAN = float("nan")
 ATTN_BACKENDS = [pytest.param("reference", id="reference")] + fused_backend_params()
-#: Triton recomputes probabilities as exp(s - lse) from a float32 lse (FlashAttention's design) and, in the
-#: linear-CE backward, from logits recomputed in another summation order: at |score| ~ 1e4 both are off by
-#: ~ulp(1e4) = 1e-3, so its gradients land at 2-8x the eager reference's error. Fixing it needs a second
-#: saved row statistic (or a float64 lse) from the host launchers; the cpu backend reuses the forward's
-#: probabilities exactly and passes.
-TRITON_LARGE_SCORES = pytest.mark.xfail(strict=True, reason="triton: float32 lse / recomputed logits at |score| ~ 1e4")
-
-
-def large_score_params(params):
-    return [pytest.param(*p.values, id=p.id, marks=(*p.marks, TRITON_LARGE_SCORES)) if p.values[0] == "triton"
-            else p for p in params]
 ELECTRA_BACKENDS = ([pytest.param("reference", id="reference")]
                     + [p for p in fused_backend_params("rtd_loss") if backend_device(p.values[0]) == "cpu"])
 
@@ -63,7 +52,7 @@ def test_rows_without_visible_keys(backend, empty_rows, dropout_p):
 
 
 @pytest.mark.parametrize("shift", [-1e4, 1e4], ids=["minus1e4", "plus1e4"])
-@pytest.mark.parametrize("backend", large_score_params(ATTN_BACKENDS))
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
 def test_scores_shifted_by_1e4(backend, shift):
     """A T5 bias of +-1e4 moves every score by +-1e4: exp must be taken after the row max is removed."""
     x, kw = make_inputs(B=2, Lq=11, M=2, H=2, D=8, P=3, features=("query", "rank", "t5"))
@@ -71,7 +60,7 @@ def test_scores_shifted_by_1e4(backend, shift):
     check_against_reference(backend, x, kw, torch.float32)
 
 
-@pytest.mark.parametrize("backend", large_score_params(ATTN_BACKENDS))
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
 def test_scores_spread_over_1e4(backend):
     """Scores of magnitude 1e4 with both signs: softmax is nearly one-hot, gradients nearly zero."""
     x, kw = make_inputs(B=2, Lq=11, M=2, H=2, D=8, P=3, features=("query", "causal", "seg_ids"))
@@ -239,7 +228,7 @@ def test_lce_large_half_inputs(backend, dtype):
     check_policy(backend, linear_cross_entropy, leaves, fixed, dtype, reduction="none")
 
 
-@pytest.mark.parametrize("backend", large_score_params(ELECTRA_BACKENDS))
+@pytest.mark.parametrize("backend", ELECTRA_BACKENDS)
 def test_lce_logits_around_1e4(backend):
     leaves, fixed = lce_inputs(7, 8, 29)
     leaves["hidden"] = leaves["hidden"] * 3e3  # weight ~ 1 / sqrt(E): logits ~ 3e3 - 1e4
