@@ -82,6 +82,18 @@ po::Strided4 strided4(const Tensor& t) {
 
 Tensor f32c(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
+// The Philox seed arrives as a one-element int64 CPU tensor (None when nothing is random), so that
+// torch.compile can draw it inside the graph; reading a CPU scalar never waits for a device.
+uint64_t philox_seed(const OptTensor& seed) {
+  if (!seed.has_value()) return 0;
+  TORCH_CHECK(seed->device().is_cpu() && seed->scalar_type() == at::kLong && seed->numel() == 1,
+              "seed must be a one-element int64 CPU tensor, got ", seed->scalar_type(), " of shape ", seed->sizes(),
+              " on ", seed->device());
+  const int64_t value = seed->item<int64_t>();
+  TORCH_CHECK(value >= 0, "seed must be non-negative, got ", value);
+  return uint64_t(value);
+}
+
 // The T5 bucket of every relative distance key - query_pos = i - (Lq - 1) - M, i < Lq + Lk - 1, built
 // where the kernels run (on a GPU by a kernel: no host-to-device copy to wait for).
 Tensor t5_bucket_table(int64_t Lq, int64_t Lk, bool bidirectional, int64_t num_buckets, int64_t max_distance,
@@ -116,7 +128,7 @@ AttentionInputs attention_inputs(const Tensor& q, const Tensor& k, const Tensor&
                                  const OptTensor& seg_q, const OptTensor& seg_k, const OptTensor& seg_diff,
                                  const OptTensor& r_s_bias, const OptTensor& seg_embed, const OptTensor& t5_bias,
                                  int64_t t5_num_buckets, int64_t t5_max_distance, bool t5_bidirectional,
-                                 bool content_sees_self, double scale, double dropout_p, int64_t seed,
+                                 bool content_sees_self, double scale, double dropout_p, const OptTensor& seed,
                                  bool empty_uniform) {
   CHECK_DIM(q, 4);
   CHECK_FLOATING(q);
@@ -166,7 +178,6 @@ AttentionInputs attention_inputs(const Tensor& q, const Tensor& k, const Tensor&
   if (r_w_bias.has_value()) CHECK_SHAPE(*r_w_bias, H, D);
   if (r_r_bias.has_value()) CHECK_SHAPE(*r_r_bias, H, D);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
-  TORCH_CHECK(seed >= 0, "seed must be non-negative, got ", seed);
 
   AttentionInputs in;
   po::AttentionParams& p = in.p;
@@ -249,7 +260,7 @@ AttentionInputs attention_inputs(const Tensor& q, const Tensor& k, const Tensor&
   p.content_sees_self = content_sees_self;
   p.scale = float(scale);
   p.dropout_p = float(dropout_p);
-  p.seed = uint64_t(seed);
+  p.seed = philox_seed(seed);
   p.empty_uniform = empty_uniform;
   return in;
 }
@@ -260,7 +271,7 @@ AttentionInputs attention_inputs(const Tensor& q, const Tensor& k, const Tensor&
       const OptTensor &k_rank, const OptTensor &attn_mask, const OptTensor &key_padding_mask, bool causal,         \
       const OptTensor &seg_q, const OptTensor &seg_k, const OptTensor &seg_diff, const OptTensor &r_s_bias,        \
       const OptTensor &seg_embed, const OptTensor &t5_bias, int64_t t5_num_buckets, int64_t t5_max_distance,       \
-      bool t5_bidirectional, bool content_sees_self, double scale, double dropout_p, int64_t seed,                \
+      bool t5_bidirectional, bool content_sees_self, double scale, double dropout_p, const OptTensor &seed,       \
       bool empty_uniform
 #define ATTENTION_NAMES                                                                                           \
   q, k, v, r, r_w_bias, r_r_bias, q_g, target_pos, q_rank, k_rank, attn_mask, key_padding_mask, causal, seg_q,     \
@@ -528,7 +539,7 @@ std::tuple<Tensor, Tensor, Tensor> lce_grads(const po::LinearCEParams& p, const 
 
 #define LCE_FWD_ARGS                                                                                          \
   const Tensor &hidden, const Tensor &weight, const OptTensor &bias, const Tensor &targets, int64_t ignore_index, \
-      int64_t reduction, bool sample, double temperature, int64_t seed, const OptTensor &disallow,              \
+      int64_t reduction, bool sample, double temperature, const OptTensor &seed, const OptTensor &disallow,     \
       bool want_argmax, bool compute_grad
 #define LCE_FWD_NAMES \
   hidden, weight, bias, targets, ignore_index, reduction, sample, temperature, seed, disallow, want_argmax, compute_grad
@@ -543,12 +554,11 @@ LCEForwardResult linear_cross_entropy_fwd_impl(LCE_FWD_ARGS, Sweep sweep) {
   TORCH_CHECK(reduction >= 0 && reduction <= 2, "reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
   TORCH_CHECK(!compute_grad || reduction != 0, "compute_grad needs a reduced loss (mean or sum)");
   TORCH_CHECK(!sample || temperature > 0.0, "temperature must be > 0 when sampling, got ", temperature);
-  TORCH_CHECK(seed >= 0, "seed must be non-negative, got ", seed);
   std::vector<Tensor> keep;
   po::LinearCEParams p = lce_params(hidden, weight, bias, targets, ignore_index, keep);
   const auto f32 = hidden.options().dtype(at::kFloat);
   const auto i64 = hidden.options().dtype(at::kLong);
-  p.sample = sample, p.temperature = float(temperature), p.seed = uint64_t(seed), p.want_argmax = want_argmax;
+  p.sample = sample, p.temperature = float(temperature), p.seed = philox_seed(seed), p.want_argmax = want_argmax;
   if (disallow.has_value()) {
     CHECK_SHAPE(*disallow, p.N);
     CHECK_INTEGRAL(*disallow);
@@ -843,7 +853,7 @@ Tensor philox_uniform_run_cuda(int64_t seed, const Tensor& start_offset, int64_t
   "Tensor q, Tensor k, Tensor v, Tensor? r, Tensor? r_w_bias, Tensor? r_r_bias, Tensor? q_g, Tensor? target_pos, " \
   "Tensor? q_rank, Tensor? k_rank, Tensor? attn_mask, Tensor? key_padding_mask, bool causal, Tensor? seg_q, "   \
   "Tensor? seg_k, Tensor? seg_diff, Tensor? r_s_bias, Tensor? seg_embed, Tensor? t5_bias, int t5_num_buckets, "  \
-  "int t5_max_distance, bool t5_bidirectional, bool content_sees_self, float scale, float dropout_p, int seed, "  \
+  "int t5_max_distance, bool t5_bidirectional, bool content_sees_self, float scale, float dropout_p, Tensor? seed, " \
   "bool empty_uniform"
 
 TORCH_LIBRARY(pyobjectives, m) {
@@ -855,7 +865,7 @@ TORCH_LIBRARY(pyobjectives, m) {
         "-> (Tensor loss, Tensor stats, Tensor grad, Tensor d_head_weight, Tensor sums)");
   m.def("rtd_loss_head_bwd(Tensor grad, Tensor coef, Tensor head_weight, Tensor x) -> Tensor");
   m.def("linear_cross_entropy_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, int ignore_index, "
-        "int reduction, bool sample, float temperature, int seed, Tensor? disallow, bool want_argmax, "
+        "int reduction, bool sample, float temperature, Tensor? seed, Tensor? disallow, bool want_argmax, "
         "bool compute_grad) -> (Tensor loss, Tensor sampled, Tensor argmax, Tensor d_hidden, Tensor d_weight, "
         "Tensor d_bias)");
   m.def("linear_cross_entropy_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, int ignore_index, "

@@ -37,6 +37,7 @@ from .utils import TL_DTYPE as _TL
 from .utils import cast as _cast
 from .utils import interpreting as _interpreting
 from .utils import new_output
+from pyobjectives.reference.philox import seed_tensor, seed_value
 
 
 #: Tests may override block sizes / splits here (keys of :func:`_config`'s result) to exercise tilings.
@@ -323,7 +324,7 @@ OP_FWD, OP_BWD = "pyobjectives_triton::linear_cross_entropy_fwd", "pyobjectives_
 # Registered ops (fake kernels, autograd) so that torch.compile / torch.export treat the launches as opaque.
 _lib = torch.library.Library("pyobjectives_triton", "FRAGMENT")
 _lib.define("linear_cross_entropy_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, int ignore_index, "
-            "str reduction, bool sample, float temperature, int seed, Tensor? disallow, bool want_argmax) "
+            "str reduction, bool sample, float temperature, Tensor? seed, Tensor? disallow, bool want_argmax) "
             "-> (Tensor loss, Tensor sampled, Tensor argmax, Tensor order, Tensor n_keep, Tensor lse, Tensor denom)")
 _lib.define("linear_cross_entropy_bwd(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
             "Tensor order, Tensor n_keep, Tensor lse, Tensor denom, str reduction, bool need_h, bool need_w, "
@@ -361,7 +362,7 @@ def _lce_fwd(hidden, weight, bias, targets, ignore_index, reduction, sample, tem
             disallow if disallow is not None else targets,
             stats_p, tgl_p, smax if sample else tgl_p, sidx if sample else order,
             amax if want_argmax else tgl_p, aidx if want_argmax else order,
-            N, V, E, int(seed) if sample else 0, float(temperature), per,
+            N, V, E, seed_value(seed) if sample else 0, float(temperature), per,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), targets.stride(0),
             disallow.stride(0) if disallow is not None else 0,
             HAS_BIAS=bias is not None, SAMPLE=bool(sample), ARGMAX=bool(want_argmax),
@@ -500,7 +501,7 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-10
     """
     loss, sampled, argmax, *_ = torch.ops.pyobjectives_triton.linear_cross_entropy_fwd(
         hidden, weight, bias, targets, int(ignore_index), reduction, bool(sample), float(temperature),
-        int(seed) if sample else 0, disallow, bool(return_argmax))
+        seed_tensor(seed) if sample else None, disallow, bool(return_argmax))
     if not sample and not return_argmax:
         return loss
     return (loss,) + ((sampled,) if sample else ()) + ((argmax,) if return_argmax else ())

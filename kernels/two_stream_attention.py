@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 
 from pyobjectives.reference.attention import t5_relative_bucket
+from pyobjectives.reference.philox import seed_tensor, seed_value
 
 from .utils import interpreting as _interpreting
 from .utils import new_output
@@ -960,7 +961,7 @@ class _Launch:
             _strides(aux["q_rank"], 2)[0], or_dummy(aux["k_rank"]), _strides(aux["k_rank"], 2)[0], or_dummy(kpm),
             *_strides(kpm, 2), or_dummy(aux["seg_q"]), _strides(aux["seg_q"], 2)[0], or_dummy(aux["seg_k"]),
             _strides(aux["seg_k"], 2)[0], or_dummy(mask), *_strides(mask, 3), or_dummy(segd), *_strides(segd, 3),
-            or_dummy(t5), *_strides(t5, 2), cfg["seed"] if cfg["dropout_p"] > 0 else 0, cfg["dropout_p"],
+            or_dummy(t5), *_strides(t5, 2), seed_value(cfg["seed"]) if cfg["dropout_p"] > 0 else 0, cfg["dropout_p"],
             cfg["scale"], B, H, Lq, Lk, Lk - Lq, R, P, D,
         )
         self.flags = dict(
@@ -988,8 +989,9 @@ class _Launch:
 
 
 def _row_stats(B, H, L, device):
-    """Per-row softmax statistics ``[B, H, L, 2]``: the row max of the scores and ``log(sum exp(s - max))``."""
-    return torch.empty(B, H, max(L, 1), 2, dtype=torch.float32, device=device)
+    """Per-row softmax statistics ``[B, H, L, 2]``: the row max of the scores and ``log(sum exp(s - max))``
+    (zeros for query-stream padding rows, which no program visits)."""
+    return torch.zeros(B, H, max(L, 1), 2, dtype=torch.float32, device=device)
 
 
 def _delta(do, out, stats, BD):
@@ -1013,7 +1015,7 @@ _SCHEMA_ARGS = (
     "Tensor q, Tensor k, Tensor v, Tensor? r, Tensor? r_w_bias, Tensor? r_r_bias, Tensor? q_g, Tensor? target_pos, "
     "Tensor? q_rank, Tensor? k_rank, Tensor? attn_mask, Tensor? key_padding_mask, bool causal, Tensor? seg_q, "
     "Tensor? seg_k, Tensor? seg_diff, Tensor? r_s_bias, Tensor? seg_embed, Tensor? t5_bias, int t5_num_buckets, "
-    "int t5_max_distance, bool t5_bidirectional, bool content_sees_self, float scale, float dropout_p, int seed, "
+    "int t5_max_distance, bool t5_bidirectional, bool content_sees_self, float scale, float dropout_p, Tensor? seed, "
     "bool empty_uniform"
 )
 #: The differentiable inputs and their index in the backward op's result.
@@ -1279,6 +1281,6 @@ def two_stream_attention(
     out_h, out_g, *_ = torch.ops.pyobjectives_triton.two_stream_attention_fwd(
         q, k, v, r, r_w_bias, r_r_bias, q_g, target_pos, q_rank, k_rank, attn_mask, key_padding_mask, bool(causal),
         seg_q, seg_k, seg_diff, r_s_bias, seg_embed, t5_bias, int(t5_num_buckets), int(t5_max_distance),
-        bool(t5_bidirectional), bool(content_sees_self), scale, float(dropout_p), int(seed) if dropout_p > 0 else 0,
+        bool(t5_bidirectional), bool(content_sees_self), scale, float(dropout_p), seed_tensor(seed) if dropout_p > 0 else None,
         empty_rows == "uniform")
     return out_h, (out_g if q_g is not None else None)

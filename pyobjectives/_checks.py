@@ -65,6 +65,22 @@ def number(name: str, value, *, low=None, high=None, low_open=False, high_open=T
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
 
 
+def seed(value, *, name: str = "seed"):
+    """A Philox seed in [0, 2**63): an int, or a one-element integer CPU tensor (what
+    :func:`pyobjectives.reference.draw_seed` returns under torch.compile), returned as a 0-dim int64 tensor."""
+    if isinstance(value, torch.Tensor):
+        integral = not (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool)
+        if not integral or value.numel() != 1 or value.device.type != "cpu":
+            raise TypeError(f"{name} must be an int or a one-element integer CPU tensor, got a {value.dtype} tensor "
+                            f"of shape {tuple(value.shape)} on {value.device}")
+        value = value.reshape(()).to(torch.int64)
+        if values_checkable(value):
+            number(name, int(value), low=0, high=2**63, integer=True)
+        return value
+    number(name, value, low=0, high=2**63, integer=True)
+    return value
+
+
 DEBUG_ENV = "PYOBJECTIVES_DEBUG"
 
 

@@ -5,6 +5,7 @@ See :class:`ElectraObjective`; ``docs/electra_objective.md`` is the contract.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -15,7 +16,7 @@ from . import _checks as check
 from . import functional as F
 from .backends import BACKEND_NAMES, resolve
 from .data import electra_mask
-from .reference.philox import SEED_RANGE, draw_seed
+from .reference.philox import draw_seed
 
 __all__ = ["ElectraObjective", "ElectraObjectiveOutput"]
 
@@ -31,8 +32,8 @@ class ElectraObjectiveOutput:
     (sample == original), ``disc_accuracy``, ``disc_precision``, ``disc_recall`` (of
     "replaced"), ``replaced`` (replaced real tokens), ``tokens`` (real tokens), ``targets``
     (generator targets). ``corrupted_ids [B, L]`` is the discriminator's input,
-    ``is_target [B, L]`` the generator targets, ``sampled_ids [n]`` the generator's samples
-    at those targets (row-major order).
+    ``is_target [B, L]`` the generator targets, ``sampled_ids [B, L]`` int64 the generator's
+    sample at each target and -100 elsewhere (as labels).
     """
 
     loss: torch.Tensor
@@ -238,13 +239,43 @@ class ElectraObjective(nn.Module):
         bias = self._refs.get("gen_output_bias", getattr(self.gen_output, "bias", None))
         return weight, bias
 
-    def _generator_step(self, hidden, targets, seed):
+    def _max_targets_per_row(self, length: int) -> int:
+        """An upper bound on the targets of one row, known from shapes alone."""
+        if self.masking == "bert":
+            return length  # Bernoulli targets: any candidate may be one
+        # electra_mask takes round(num_real * mask_prob) in float32, num_real <= length; the ceiling of the
+        # product (nudged up past float32 rounding) is never below it
+        bound = max(1, min(length, math.ceil(length * self.mask_prob * (1 + 2**-20))))
+        return bound if self.max_predictions is None else min(bound, self.max_predictions)
+
+    def _target_rows(self, is_target):
+        """``(rows, valid)``: flat ``[B * L]`` indices of the targets in row-major order (the order of
+        ``input_ids[is_target]``), then padding up to a size known from shapes, and which are targets.
+
+        With the electra masking (exact counts per row) the padding is the rows' rounding slack and any
+        padding tokens, and the selection needs no host synchronisation and no data-dependent shape, so
+        torch.compile traces it into the graph. Generator rows past the targets are ignored by the loss
+        (target -100); their samples are dropped. The sampling noise is keyed on the row, and the
+        targets keep their rows, so samples do not depend on the padding. With the bert masking the
+        bound is every token: eager mode then keeps only the targets (a host read of their count)."""
+        B, L = is_target.shape
+        flat = is_target.reshape(-1)
+        # stable: targets first, each group in row-major order
+        order = torch.argsort((~flat).to(torch.int8), stable=True)
+        if self.masking == "bert" and not torch.compiler.is_compiling():
+            count = int(flat.sum())
+        else:
+            count = B * self._max_targets_per_row(L)
+        rows = order[:count]
+        return rows, flat[rows]
+
+    def _generator_step(self, hidden, targets, original, seed):
         weight, bias = self._gen_output()
         weight = weight.to(hidden.dtype)
         bias = None if bias is None else bias.to(hidden.dtype)
         inputs = dict(hidden=hidden, weight=weight, targets=targets, bias=bias, ignore_index=-100,
                       reduction="mean", sample=True, temperature=self.temperature, seed=seed,
-                      disallow=targets if self.disallow_correct else None)
+                      disallow=original if self.disallow_correct else None)
         name, impl = resolve("linear_cross_entropy", self.backend, inputs)
         if name in ("triton", "cpu", "cuda"):
             loss, sampled, argmax = impl(**inputs, return_argmax=True)
@@ -264,9 +295,7 @@ class ElectraObjective(nn.Module):
         optional ``token_type_ids``, ``special_tokens_mask`` (1 = never a target). ``rng``: a
         ``torch.Generator`` for the masking; ``seed``: the sampling seed (drawn from torch's
         generator when None). Returns :class:`ElectraObjectiveOutput`."""
-        if seed is None:
-            seed = draw_seed()
-        check.number("seed", seed, low=0, high=SEED_RANGE, integer=True)
+        seed = draw_seed() if seed is None else check.seed(seed)
         if rng is not None and not isinstance(rng, torch.Generator):
             raise TypeError(f"rng must be a torch.Generator or None, got {type(rng).__name__}")
         if isinstance(input_ids, torch.Tensor):
@@ -284,13 +313,16 @@ class ElectraObjective(nn.Module):
         check.int_range("input_ids", input_ids, 0, self._gen_output()[0].shape[0],
                         what=" (ids must index the generator's output embedding)")
         is_target = m.is_target
-        targets = input_ids[is_target].long()
+        rows, valid = self._target_rows(is_target)
+        original = input_ids.reshape(-1)[rows]
+        targets = torch.where(valid, original.long(), -100)
 
         gen_hidden = self._body(self.generator, self._hf_gen, m.input_ids, attention_mask, token_type_ids)
-        gen_hidden = self._piece("gen_head")(gen_hidden[is_target])
-        gen_loss, sampled, argmax = self._generator_step(gen_hidden, targets, seed)
+        gen_hidden = self._piece("gen_head")(gen_hidden.reshape(-1, gen_hidden.shape[-1])[rows])
+        gen_loss, sampled, argmax = self._generator_step(gen_hidden, targets, original.long(), seed)
 
-        corrupted = input_ids.masked_scatter(is_target, sampled.to(input_ids.dtype))
+        replacement = torch.where(valid, sampled.to(input_ids.dtype), original)
+        corrupted = input_ids.reshape(-1).scatter(0, rows, replacement).view_as(input_ids)
         disc_hidden = self._piece("disc_head")(self._body(self.discriminator, self._hf_disc, corrupted, attention_mask,
                                                 token_type_ids))
         disc_output = self._piece("disc_output")
@@ -301,7 +333,7 @@ class ElectraObjective(nn.Module):
                                     return_stats=True, backend=self.backend)
         loss = self.gen_weight * gen_loss + self.disc_weight * disc_loss
         # a fill, not torch.tensor(..., device=): a host-to-device copy would wait for the device
-        n = torch.full((), float(targets.numel()), device=input_ids.device)
+        n = valid.sum().float()
         with torch.no_grad():
             stats = {
                 "gen_accuracy": (argmax == targets).sum().float() / n.clamp(min=1),
@@ -310,5 +342,7 @@ class ElectraObjective(nn.Module):
                 "disc_recall": rtd["recall"], "replaced": rtd["replaced"], "tokens": rtd["tokens"],
                 "targets": n,
             }
+        sampled_ids = torch.full_like(input_ids, -100, dtype=torch.long).reshape(-1).scatter(
+            0, rows, torch.where(valid, sampled, -100)).view_as(input_ids)
         return ElectraObjectiveOutput(loss=loss, gen_loss=gen_loss, disc_loss=disc_loss, stats=stats,
-                                      corrupted_ids=corrupted, is_target=is_target, sampled_ids=sampled)
+                                      corrupted_ids=corrupted, is_target=is_target, sampled_ids=sampled_ids)

@@ -6,7 +6,7 @@ import torch
 
 from . import _checks as check
 from .backends import BACKEND_NAMES, resolve
-from .reference.philox import SEED_RANGE, draw_seed
+from .reference.philox import draw_seed
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
@@ -15,10 +15,7 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def _seed(seed):
-    if seed is None:
-        return draw_seed()
-    check.number("seed", seed, low=0, high=SEED_RANGE, integer=True)
-    return seed
+    return draw_seed() if seed is None else check.seed(seed)
 
 
 def two_stream_attention(q, k, v, r=None, r_w_bias=None, r_r_bias=None, *, q_g=None, target_pos=None, q_rank=None,
@@ -86,7 +83,9 @@ def two_stream_attention(q, k, v, r=None, r_w_bias=None, r_r_bias=None, *, q_g=N
 
     Other options: ``scale`` defaults to ``1/sqrt(D)`` (T5: ``scale=1.0``).
     ``dropout_p`` drops attention probabilities with Philox noise keyed on
-    ``seed`` (drawn from torch's generator when None), identical on every backend.
+    ``seed`` (an int in [0, 2**63) or a one-element integer CPU tensor; drawn from
+    torch's generator when None, inside the graph under torch.compile), identical on
+    every backend.
     ``backend``: "auto" (``PYOBJECTIVES_BACKEND`` overrides) or a name from
     ``pyobjectives.backends.PRIORITY``; an explicit backend raises when it
     cannot run the call instead of falling back.
@@ -280,7 +279,8 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-10
 
     ``reduction``: "mean" over non-ignored rows (0.0 when there are none),
     "sum", or "none" (``[N]``, 0 at ignored rows). ``temperature`` (> 0) affects
-    sampling only. ``seed`` is drawn from torch's generator when None. Returns
+    sampling only. ``seed`` (int or one-element integer CPU tensor) is drawn from
+    torch's generator when None (inside the graph under torch.compile). Returns
     ``loss``, or ``(loss, sampled_ids [N] int64)`` when ``sample=True``; sampling
     carries no gradient.
     """

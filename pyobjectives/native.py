@@ -28,6 +28,8 @@ import torch
 
 import pyobjectives._C as _C  # noqa: F401  (registers the ops)
 
+from .reference.philox import seed_tensor
+
 ops = torch.ops.pyobjectives
 REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
 NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -105,7 +107,7 @@ def two_stream_attention(q, k, v, r=None, r_w_bias=None, r_r_bias=None, *, q_g=N
     out_h, out_g, _, _ = ops.two_stream_attention_fwd(
         q, k, v, r, r_w_bias, r_r_bias, q_g, target_pos, q_rank, k_rank, attn_mask, key_padding_mask, bool(causal),
         seg_q, seg_k, seg_diff, r_s_bias, seg_embed, t5_bias, int(t5_num_buckets), int(t5_max_distance),
-        bool(t5_bidirectional), bool(content_sees_self), scale, float(dropout_p), int(seed) if dropout_p > 0 else 0,
+        bool(t5_bidirectional), bool(content_sees_self), scale, float(dropout_p), seed_tensor(seed) if dropout_p > 0 else None,
         empty_rows == "uniform")
     return out_h, (out_g if q_g is not None else None)
 
@@ -296,7 +298,7 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-10
                                         or (bias is not None and bias.requires_grad))
     loss, sampled, argmax, _, _, _ = ops.linear_cross_entropy_fwd(
         hidden, weight, bias, targets, int(ignore_index), REDUCTION_CODE[reduction], bool(sample), float(temperature),
-        int(seed) if sample else 0, disallow, bool(return_argmax), grad and reduction != "none")
+        seed_tensor(seed) if sample else None, disallow, bool(return_argmax), grad and reduction != "none")
     if not sample and not return_argmax:
         return loss
     out = (loss,) + ((sampled,) if sample else ()) + ((argmax,) if return_argmax else ())

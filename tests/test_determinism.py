@@ -191,3 +191,23 @@ def test_every_op_under_use_deterministic_algorithms(backend, deterministic_algo
         torch.use_deterministic_algorithms(True)
         assert bitwise_equal(got, want), f"{name}: deterministic mode changes the result"
         assert all(torch.isfinite(t.float()).all() for t in got if t.is_floating_point()), name
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_seed_tensor_equals_its_int(backend):
+    """A seed given as a one-element integer CPU tensor (what draw_seed returns under torch.compile) draws
+    the same dropout masks and samples as the same int, on every backend."""
+    dev = backend_device(backend)
+    x, kw = make_inputs(B=2, Lq=9, M=3, H=2, D=8, P=4, dtype=torch.float32, features=("query", "rank"))
+    x, kw = ({n: (t.to(dev) if isinstance(t, torch.Tensor) else t) for n, t in d.items()} for d in (x, kw))
+    for seed in (5, 2**40 + 3):
+        want = two_stream_attention(**x, **kw, dropout_p=0.3, seed=seed, backend=backend)
+        got = two_stream_attention(**x, **kw, dropout_p=0.3, seed=torch.tensor(seed, dtype=torch.int32)
+                                   if seed < 2**31 else torch.tensor(seed), backend=backend)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        leaves, fixed = lce_inputs(13, 8, 41)
+        args = dict(hidden=leaves["hidden"].float().to(dev), weight=leaves["weight"].float().to(dev),
+                    targets=fixed["targets"].to(dev),
+                    sample=True, backend=backend)
+        assert torch.equal(linear_cross_entropy(**args, seed=torch.tensor(seed))[1],
+                           linear_cross_entropy(**args, seed=seed)[1])

@@ -197,10 +197,12 @@ def test_objective_outputs_and_stats(backend):
     ids, am = batch()
     out = obj(ids, am, rng=torch.Generator().manual_seed(0), seed=1)
     t = out.is_target
-    assert t.sum().item() == out.stats["targets"].item() == out.sampled_ids.numel()
+    assert t.sum().item() == out.stats["targets"].item()
+    assert out.sampled_ids.shape == ids.shape and out.sampled_ids.dtype == torch.int64
+    assert (out.sampled_ids[~t] == -100).all() and torch.equal(out.corrupted_ids[t], out.sampled_ids[t])
     assert not (t & (am == 0)).any() and not (t & torch.isin(ids, torch.tensor(SPECIAL))).any()
     assert torch.equal(out.corrupted_ids[~t], ids[~t])
-    assert (out.sampled_ids != ids[t]).all()  # disallow_correct: every target is replaced
+    assert (out.sampled_ids[t] != ids[t]).all()  # disallow_correct: every target is replaced
     assert out.stats["gen_sampled_accuracy"].item() == 0.0
     assert out.stats["replaced"].item() == t.sum().item() and out.stats["tokens"].item() == am.sum().item()
     for k in ("gen_accuracy", "disc_accuracy", "disc_precision", "disc_recall"):

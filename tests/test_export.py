@@ -82,10 +82,10 @@ def test_opcheck_triton_linear_cross_entropy(reduction):
     t = torch.randint(0, V, (N,))
     t[::3] = -100
     ops = triton_ops()
-    torch.library.opcheck(ops.linear_cross_entropy_fwd, (h, w, b, t, -100, reduction, True, 0.7, 3, None, True))
+    torch.library.opcheck(ops.linear_cross_entropy_fwd, (h, w, b, t, -100, reduction, True, 0.7, torch.tensor(3), None, True))
     with torch.no_grad():
         loss, _, _, order, n_keep, lse, denom = ops.linear_cross_entropy_fwd(h, w, b, t, -100, reduction, False, 1.0,
-                                                                             0, None, False)
+                                                                             None, None, False)
     torch.library.opcheck(ops.linear_cross_entropy_bwd, (torch.randn(loss.shape), h.detach(), w.detach(), b.detach(),
                                                          t, order, n_keep, lse, denom, reduction, True, True, True))
 

@@ -17,15 +17,15 @@ pytestmark = pytest.mark.skipif(bool(backend_reasons("cpu")), reason="; ".join(b
 ATTN_FEATURES = ("query", "rank", "padding", "seg_ids", "t5")
 
 
-def attention_args(x, kw, dropout_p=0.0, seed=0, empty_uniform=False):
-    """Positional arguments of two_stream_attention_fwd, in schema order."""
+def attention_args(x, kw, dropout_p=0.0, seed=None, empty_uniform=False):
+    """Positional arguments of two_stream_attention_fwd, in schema order (the seed as the ops take it)."""
     g = lambda n, default=None: kw.get(n, default)  # noqa: E731
     D = x["q"].shape[-1]
     return (x["q"], x["k"], x["v"], x.get("r"), x.get("r_w_bias"), x.get("r_r_bias"), g("q_g"), g("target_pos"), g("q_rank"),
             g("k_rank"), g("attn_mask"), g("key_padding_mask"), bool(g("causal", False)), g("seg_q"), g("seg_k"),
             g("seg_diff"), g("r_s_bias"), g("seg_embed"), g("t5_bias"), g("t5_num_buckets", 32),
             g("t5_max_distance", 128), bool(g("t5_bidirectional", True)), bool(g("content_sees_self", True)),
-            1.0 / math.sqrt(D), dropout_p, seed, empty_uniform)
+            1.0 / math.sqrt(D), dropout_p, None if seed is None else torch.tensor(seed), empty_uniform)
 
 
 def float_leaves(x, kw, dtype=torch.float32):
@@ -79,7 +79,7 @@ def test_opcheck_linear_cross_entropy(reduction):
     t = torch.randint(0, V, (N,))
     t[::4] = -100
     torch.library.opcheck(torch.ops.pyobjectives.linear_cross_entropy_fwd,
-                          (h, w, b, t, -100, reduction, True, 0.7, 3, None, True, reduction != 0))
+                          (h, w, b, t, -100, reduction, True, 0.7, torch.tensor(3), None, True, reduction != 0))
     torch.library.opcheck(torch.ops.pyobjectives.linear_cross_entropy_bwd, (h, w, b, t, -100, torch.randn(N)))
 
 
@@ -116,7 +116,7 @@ def test_opcheck_linear_cross_entropy_cuda(reduction):
     t = torch.randint(0, V, (N,), device=dev)
     t[::4] = -100
     torch.library.opcheck(torch.ops.pyobjectives.linear_cross_entropy_fwd,
-                          (h, w, b, t, -100, reduction, True, 0.7, 3, None, True, reduction != 0))
+                          (h, w, b, t, -100, reduction, True, 0.7, torch.tensor(3), None, True, reduction != 0))
     torch.library.opcheck(torch.ops.pyobjectives.linear_cross_entropy_bwd,
                           (h, w, b, t, -100, torch.randn(N, device=dev)))
 
@@ -258,8 +258,16 @@ def test_cpp_checks_name_the_argument():
         torch.ops.pyobjectives.two_stream_attention_fwd(*bad_tp)
     with pytest.raises(RuntimeError, match="weight must have dtype"):
         torch.ops.pyobjectives.linear_cross_entropy_fwd(torch.randn(3, 4), torch.randn(5, 4, dtype=torch.bfloat16),
-                                                        None, torch.zeros(3, dtype=torch.long), -100, 1, False, 1.0, 0,
+                                                        None, torch.zeros(3, dtype=torch.long), -100, 1, False, 1.0, None,
                                                         None, False, False)
+    with pytest.raises(RuntimeError, match="seed must be a one-element int64 CPU tensor"):
+        torch.ops.pyobjectives.linear_cross_entropy_fwd(torch.randn(3, 4), torch.randn(5, 4), None,
+                                                        torch.zeros(3, dtype=torch.long), -100, 1, True, 1.0,
+                                                        torch.tensor([1.5]), None, False, False)
+    with pytest.raises(RuntimeError, match="seed must be non-negative"):
+        torch.ops.pyobjectives.linear_cross_entropy_fwd(torch.randn(3, 4), torch.randn(5, 4), None,
+                                                        torch.zeros(3, dtype=torch.long), -100, 1, True, 1.0,
+                                                        torch.tensor(-4), None, False, False)
     with pytest.raises(RuntimeError, match="corrupted_ids must have shape"):
         torch.ops.pyobjectives.rtd_loss_fwd(torch.randn(3, 4), None, None, torch.zeros(3, dtype=torch.long),
                                             torch.zeros(3, 4, dtype=torch.long), None, 1.0, 1, False, False)

@@ -50,11 +50,15 @@ def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (product >> 32) & _MASK32, product & _MASK32
 
 
-def philox_uint32(seed: int, offset: torch.Tensor, n_rounds: int = N_ROUNDS) -> torch.Tensor:
-    """First output word of Philox-4x32 for key ``seed`` and counter ``offset``, as int64 in [0, 2**32)."""
-    seed = int(seed)
-    if not 0 <= seed < SEED_RANGE:
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed}")
+def philox_uint32(seed, offset: torch.Tensor, n_rounds: int = N_ROUNDS) -> torch.Tensor:
+    """First output word of Philox-4x32 for key ``seed`` (an int, or a one-element int64 tensor, see
+    :func:`draw_seed`) and counter ``offset``, as int64 in [0, 2**32)."""
+    if isinstance(seed, torch.Tensor):
+        seed = seed.reshape(()).to(torch.int64)
+    else:
+        seed = int(seed)
+        if not 0 <= seed < SEED_RANGE:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {seed}")
     offset = offset.to(torch.int64)
     c0 = offset & _MASK32
     c1 = (offset >> 32) & _MASK32
@@ -70,7 +74,7 @@ def philox_uint32(seed: int, offset: torch.Tensor, n_rounds: int = N_ROUNDS) -> 
     return c0
 
 
-def philox_uniform(seed: int, offset: torch.Tensor, n_rounds: int = N_ROUNDS) -> torch.Tensor:
+def philox_uniform(seed, offset: torch.Tensor, n_rounds: int = N_ROUNDS) -> torch.Tensor:
     """float32 uniforms in [0, 1) equal bit for bit to ``tl.rand(seed, offset)``; same shape as ``offset``."""
     x = philox_uint32(seed, offset, n_rounds)
     signed = torch.where(x >= 2**31, x - 2**32, x)
@@ -78,6 +82,26 @@ def philox_uniform(seed: int, offset: torch.Tensor, n_rounds: int = N_ROUNDS) ->
     return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
 
 
-def draw_seed() -> int:
-    """A seed from torch's default generator, so ``torch.manual_seed`` makes calls without ``seed`` reproducible."""
-    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+def draw_seed():
+    """A seed from torch's default generator, so ``torch.manual_seed`` makes calls without ``seed`` reproducible.
+
+    An int; while torch.compile traces, the same draw as a one-element int64 CPU tensor in the graph
+    (an int would need ``.item()``: a graph break, and a seed frozen into the compiled code). Every op
+    takes either form; the kernels read the tensor's value on the host, which never waits for a device.
+    """
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+    if torch.compiler.is_compiling():
+        return seed.reshape(())
+    return int(seed.item())
+
+
+def seed_value(seed) -> int:
+    """The int behind a seed; the ops' seed tensors live on the CPU, so this never waits for a device."""
+    return int(seed)
+
+
+def seed_tensor(seed):
+    """The registered ops' form of a seed: a 0-dim int64 CPU tensor (``None`` stays ``None``)."""
+    if seed is None or isinstance(seed, torch.Tensor):
+        return seed
+    return torch.tensor(seed, dtype=torch.int64)
