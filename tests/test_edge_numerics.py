@@ -68,6 +68,25 @@ def test_scores_spread_over_1e4(backend):
     check_against_reference(backend, x, kw, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=DTYPE_ID.get)
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+def test_rows_with_one_visible_key_have_zero_score_gradient(backend, dtype):
+    """A row that sees one key has probability exactly 1 there: its output is that value row and every
+    gradient through its scores (q, q_g, k, r, the biases) is 0, as autograd's softmax backward gives
+    (ds = p * (dp - delta) cancels exactly only if delta and dp are formed alike)."""
+    x, kw = make_inputs(B=2, Lq=13, M=3, H=2, D=16, P=5, features=("query",))
+    Lk = x["k"].shape[1]
+    keep = torch.randint(0, Lk, (2, 13))
+    kw["attn_mask"] = torch.ones(2, 13, Lk, dtype=torch.bool).scatter_(2, keep[..., None], False)
+    kw["content_sees_self"] = False
+    device = backend_device(backend)
+    out, grads = outputs_and_grads(two_stream_attention, x, kw, dtype, device, backend=backend)
+    v = x["v"].to(device, dtype)
+    assert torch.equal(out[0], v.gather(1, keep.to(device)[..., None, None].expand(-1, -1, *v.shape[2:])))
+    for name in ("q", "q_g", "k", "r", "r_w_bias", "r_r_bias"):
+        assert grads[name].abs().max().item() <= 1e-5, f"grad {name}: {grads[name].abs().max().item():.3e}"
+
+
 def exactly(x, dtype):
     """Inputs representable in ``dtype``, so that the float64 oracle sees the values the backend sees."""
     return {n: (t.to(dtype).double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
