@@ -49,6 +49,7 @@ import triton.language as tl
 from pyobjectives.reference.attention import t5_relative_bucket
 from pyobjectives.reference.philox import seed_tensor, seed_value
 
+from .utils import cast as _cast
 from .utils import interpreting as _interpreting
 from .utils import new_output
 
@@ -93,6 +94,17 @@ def _dot(a, b, DOT_PREC: tl.constexpr):
     if DOT_PREC == "interpret-fp32":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _to(x, DT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``x.to(DT)`` rounded to nearest even. The interpreter's float32 -> bfloat16 cast truncates (DOT_PREC
+    "interpret-fp32" marks bfloat16 under the interpreter), which pulled every rounded probability and
+    gradient towards zero by up to an ulp; on a GPU this is the plain cast."""
+    if DOT_PREC == "interpret-fp32":
+        return _cast(x, DT, True)
+    else:
+        return x.to(DT)
 
 
 @triton.jit
@@ -313,7 +325,7 @@ def _fwd_rows(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if HAS_DROPOUT:
             p = p * _keep_scale(seed, drop_off, n0, dropout_p, BN)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC)
+        acc = acc * alpha[:, None] + _dot(_to(p, v.dtype, DOT_PREC), v, DOT_PREC)
         m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -332,7 +344,7 @@ def _fwd_rows(
                 pu = tl.where(row_ok[:, None] & key_ok[None, :], 1.0 / Lk, 0.0)
                 if HAS_DROPOUT:
                     pu = pu * _keep_scale(seed, drop_off, n0, dropout_p, BN)
-                acc_u += _dot(pu.to(v.dtype), v, DOT_PREC)
+                acc_u += _dot(_to(pu, v.dtype, DOT_PREC), v, DOT_PREC)
             out = tl.where(empty[:, None], acc_u, out)
     m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
     tl.store(
@@ -473,9 +485,9 @@ def _dq_rows(
             CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_R, SEES_SELF, HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC, BM, BN, BD, BAND,
         )
         dsc = ds * scale
-        acc_ac += _dot(dsc.to(k.dtype), k, DOT_PREC)
+        acc_ac += _dot(_to(dsc, k.dtype, DOT_PREC), k, DOT_PREC)
         if HAS_R:
-            acc_bd += _dot(_unskew(dsc, pos, m0, BM, BN, BAND).to(rband.dtype), rband, DOT_PREC)
+            acc_bd += _dot(_to(_unskew(dsc, pos, m0, BM, BN, BAND), rband.dtype, DOT_PREC), rband, DOT_PREC)
         if SEG_IDS or SEG_DENSE:
             de1 += tl.sum(tl.where(differ, dsc, 0.0), axis=1)
             de0 += tl.sum(tl.where(differ, 0.0, dsc), axis=1)
@@ -488,7 +500,7 @@ def _dq_rows(
         tl.store(de_ptr + b * s_de_b + h * s_de_h + rows * 2 + 1, de1, mask=row_ok)
     tl.store(
         dx_ptr + b * s_dxb + rows[:, None] * s_dxl + h * s_dxh + d[None, :] * s_dxd,
-        dq.to(dx_ptr.dtype.element_ty),
+        _to(dq, dx_ptr.dtype.element_ty, DOT_PREC),
         mask=row_ok[:, None] & d_ok[None, :],
     )
     # per-program sums of the content / position parts of dq: r_w_bias and r_r_bias gradients
@@ -582,9 +594,9 @@ def _kv_rows(
         scale, B, H, Lq, Lk, M, R, P, D, IS_CONTENT, HAS_RANK, HAS_DENSE, HAS_KPM, CAUSAL, SEG_IDS, SEG_DENSE, HAS_T5, HAS_R, SEES_SELF,
         HAS_DROPOUT, EMPTY_UNIFORM, DOT_PREC, BM, BN, BD, BAND,
     )
-    dv += _dot(tl.trans(pd.to(do.dtype)), do, DOT_PREC)
+    dv += _dot(tl.trans(_to(pd, do.dtype, DOT_PREC)), do, DOT_PREC)
     dsc = ds * scale
-    dk += _dot(tl.trans(dsc.to(xq.dtype)), xq, DOT_PREC) + tl.sum(dsc, axis=0)[:, None] * rw[None, :]
+    dk += _dot(tl.trans(_to(dsc, xq.dtype, DOT_PREC)), xq, DOT_PREC) + tl.sum(dsc, axis=0)[:, None] * rw[None, :]
     return dk, dv
 
 
@@ -639,12 +651,12 @@ def _dkdv_kernel(
     ok = (offs_n < Lk)[:, None] & (d < D)[None, :]
     tl.store(
         dk_ptr + b * s_dkb + offs_n[:, None] * s_dkl + h * s_dkh + d[None, :] * s_dkd,
-        dk.to(dk_ptr.dtype.element_ty),
+        _to(dk, dk_ptr.dtype.element_ty, DOT_PREC),
         mask=ok,
     )
     tl.store(
         dv_ptr + b * s_dvb + offs_n[:, None] * s_dvl + h * s_dvh + d[None, :] * s_dvd,
-        dv.to(dv_ptr.dtype.element_ty),
+        _to(dv, dv_ptr.dtype.element_ty, DOT_PREC),
         mask=ok,
     )
 
@@ -691,7 +703,7 @@ def _dr_rows(
         dt += tl.sum(dband, axis=0)
     if HAS_R:
         dband = dband * scale
-        dr += _dot(tl.trans(dband.to(xq.dtype)), xq, DOT_PREC) + tl.sum(dband, axis=0)[:, None] * rr[None, :]
+        dr += _dot(tl.trans(_to(dband, xq.dtype, DOT_PREC)), xq, DOT_PREC) + tl.sum(dband, axis=0)[:, None] * rr[None, :]
     return dr, dt
 
 
