@@ -773,9 +773,10 @@ def _delta_kernel(
     ROWS: tl.constexpr, BD: tl.constexpr,
 ):
     """``delta = rowsum(dO * O)`` as the diagonal of ``dO @ O^T``: the backward kernels form
-    ``dp = dO @ v^T`` with the same kind of dot, so on a row with one visible key (O equals that
-    key's value) delta equals dp bit for bit and the row's score gradient is exactly 0, as
-    autograd's; a plain row sum rounds differently, and the gradient multiplies that by |k|."""
+    ``dp = dO @ v^T`` with a dot of the same shape, so on a row with one visible key (O equals that
+    key's value) delta equals dp (bit for bit where both dots sum alike: float32 inputs, the
+    interpreter) and the row's score gradient is 0, as autograd's. A host row sum rounds in another
+    order, and the gradient multiplies that difference by |k|."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     b = pid // n_lb
