@@ -13,6 +13,8 @@ from typing import Sequence
 
 import torch
 
+from .reference.philox import SEED_RANGE
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -75,9 +77,9 @@ def seed(value, *, name: str = "seed"):
                             f"of shape {tuple(value.shape)} on {value.device}")
         value = value.reshape(()).to(torch.int64)
         if values_checkable(value):
-            number(name, int(value), low=0, high=2**63, integer=True)
+            number(name, int(value), low=0, high=SEED_RANGE, integer=True)
         return value
-    number(name, value, low=0, high=2**63, integer=True)
+    number(name, value, low=0, high=SEED_RANGE, integer=True)
     return value
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from attention_inputs import make_inputs
 from conftest import backend_reasons
-from test_native import attention_args, float_leaves
+from test_native import attention_args, float_leaves, lce_op_args, rtd_op_args
 
 from pyobjectives.integrations import patch_xlnet
 
@@ -58,13 +58,7 @@ def test_opcheck_triton_attention(features, dropout_p):
 @pytest.mark.parametrize("head", [False, True], ids=["logits", "head"])
 def test_opcheck_triton_rtd(head, reduction):
     lead, D = (2, 3), 5
-    x = torch.randn(*lead, D) if head else torch.randn(*lead)
-    x.requires_grad_()
-    w = torch.randn(D, requires_grad=True) if head else None
-    b = torch.randn((), requires_grad=True) if head else None
-    orig = torch.randint(0, 9, lead)
-    corr = torch.where(torch.rand(lead) < 0.4, torch.randint(0, 9, lead), orig)
-    mask = torch.rand(lead) > 0.2
+    x, w, b, corr, orig, mask = rtd_op_args(lead, D, head)
     ops = triton_ops()
     torch.library.opcheck(ops.rtd_loss_fwd, (x, w, b, corr, orig, mask, 2.0, reduction, True, head, head))
     if head:
@@ -75,12 +69,7 @@ def test_opcheck_triton_rtd(head, reduction):
 @needs_triton
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_opcheck_triton_linear_cross_entropy(reduction):
-    N, E, V = 5, 4, 11
-    h = torch.randn(N, E, requires_grad=True)
-    w = torch.randn(V, E, requires_grad=True)
-    b = torch.randn(V, requires_grad=True)
-    t = torch.randint(0, V, (N,))
-    t[::3] = -100
+    h, w, b, t = lce_op_args(5, 4, 11, ignore_every=3)
     ops = triton_ops()
     torch.library.opcheck(ops.linear_cross_entropy_fwd, (h, w, b, t, -100, reduction, True, 0.7, torch.tensor(3), None, True))
     with torch.no_grad():

@@ -35,6 +35,26 @@ def float_leaves(x, kw, dtype=torch.float32):
     return x, kw
 
 
+def rtd_op_args(lead, D, head, device="cpu"):
+    """``(x, head_weight, head_bias, corrupted, original, mask)`` for the rtd_loss ops (float32 leaves)."""
+    x = (torch.randn(*lead, D, device=device) if head else torch.randn(*lead, device=device)).requires_grad_()
+    w = torch.randn(D, device=device, requires_grad=True) if head else None
+    b = torch.randn((), device=device, requires_grad=True) if head else None
+    orig = torch.randint(0, 9, lead, device=device)
+    corr = torch.where(torch.rand(lead, device=device) < 0.4, torch.randint(0, 9, lead, device=device), orig)
+    return x, w, b, corr, orig, torch.rand(lead, device=device) > 0.2
+
+
+def lce_op_args(N, E, V, ignore_every, device="cpu"):
+    """``(hidden, weight, bias, targets)`` for the linear_cross_entropy ops; every ignore_every-th target -100."""
+    h = torch.randn(N, E, device=device, requires_grad=True)
+    w = torch.randn(V, E, device=device, requires_grad=True)
+    b = torch.randn(V, device=device, requires_grad=True)
+    t = torch.randint(0, V, (N,), device=device)
+    t[::ignore_every] = -100
+    return h, w, b, t
+
+
 @pytest.mark.parametrize("features,dropout_p", [
     pytest.param(ATTN_FEATURES, 0.0, id="all-features"),
     pytest.param(("query", "dense", "seg_dense", "causal"), 0.2, id="dense-causal-dropout"),
@@ -58,13 +78,7 @@ def test_opcheck_attention(features, dropout_p):
 @pytest.mark.parametrize("head", [False, True], ids=["logits", "head"])
 def test_opcheck_rtd(head, reduction):
     lead, D = (3, 7), 5
-    x = torch.randn(*lead, D) if head else torch.randn(*lead)
-    x.requires_grad_()
-    w = torch.randn(D, requires_grad=True) if head else None
-    b = torch.randn((), requires_grad=True) if head else None
-    orig = torch.randint(0, 9, lead)
-    corr = torch.where(torch.rand(lead) < 0.4, torch.randint(0, 9, lead), orig)
-    mask = torch.rand(lead) > 0.2
+    x, w, b, corr, orig, mask = rtd_op_args(lead, D, head)
     torch.library.opcheck(torch.ops.pyobjectives.rtd_loss_fwd, (x, w, b, corr, orig, mask, 2.0, reduction, True, head))
     torch.library.opcheck(torch.ops.pyobjectives.rtd_loss_head_bwd,
                           (torch.randn(21), torch.randn(1), torch.randn(D), torch.randn(*lead, D)))
@@ -72,12 +86,8 @@ def test_opcheck_rtd(head, reduction):
 
 @pytest.mark.parametrize("reduction", [0, 1, 2], ids=["none", "mean", "sum"])
 def test_opcheck_linear_cross_entropy(reduction):
-    N, E, V = 11, 6, 23
-    h = torch.randn(N, E, requires_grad=True)
-    w = torch.randn(V, E, requires_grad=True)
-    b = torch.randn(V, requires_grad=True)
-    t = torch.randint(0, V, (N,))
-    t[::4] = -100
+    N = 11
+    h, w, b, t = lce_op_args(N, 6, 23, ignore_every=4)
     torch.library.opcheck(torch.ops.pyobjectives.linear_cross_entropy_fwd,
                           (h, w, b, t, -100, reduction, True, 0.7, torch.tensor(3), None, True, reduction != 0))
     torch.library.opcheck(torch.ops.pyobjectives.linear_cross_entropy_bwd, (h, w, b, t, -100, torch.randn(N)))
@@ -93,12 +103,7 @@ requires_cuda = pytest.mark.skipif(bool(CUDA_REASONS), reason="cuda backend unav
 def test_opcheck_rtd_cuda(head, reduction):
     lead, D = (3, 37), 24
     dev = "cuda"
-    x = (torch.randn(*lead, D, device=dev) if head else torch.randn(*lead, device=dev)).requires_grad_()
-    w = torch.randn(D, device=dev, requires_grad=True) if head else None
-    b = torch.randn((), device=dev, requires_grad=True) if head else None
-    orig = torch.randint(0, 9, lead, device=dev)
-    corr = torch.where(torch.rand(lead, device=dev) < 0.4, torch.randint(0, 9, lead, device=dev), orig)
-    mask = torch.rand(lead, device=dev) > 0.2
+    x, w, b, corr, orig, mask = rtd_op_args(lead, D, head, device=dev)
     torch.library.opcheck(torch.ops.pyobjectives.rtd_loss_fwd, (x, w, b, corr, orig, mask, 2.0, reduction, True, head))
     torch.library.opcheck(torch.ops.pyobjectives.rtd_loss_head_bwd,
                           (torch.randn(111, device=dev), torch.randn(1, device=dev), torch.randn(D, device=dev),
@@ -108,13 +113,8 @@ def test_opcheck_rtd_cuda(head, reduction):
 @requires_cuda
 @pytest.mark.parametrize("reduction", [0, 1, 2], ids=["none", "mean", "sum"])
 def test_opcheck_linear_cross_entropy_cuda(reduction):
-    N, E, V = 11, 16, 523
-    dev = "cuda"
-    h = torch.randn(N, E, device=dev, requires_grad=True)
-    w = torch.randn(V, E, device=dev, requires_grad=True)
-    b = torch.randn(V, device=dev, requires_grad=True)
-    t = torch.randint(0, V, (N,), device=dev)
-    t[::4] = -100
+    N, dev = 11, "cuda"
+    h, w, b, t = lce_op_args(N, 16, 523, ignore_every=4, device=dev)
     torch.library.opcheck(torch.ops.pyobjectives.linear_cross_entropy_fwd,
                           (h, w, b, t, -100, reduction, True, 0.7, torch.tensor(3), None, True, reduction != 0))
     torch.library.opcheck(torch.ops.pyobjectives.linear_cross_entropy_bwd,

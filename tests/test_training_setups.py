@@ -212,8 +212,13 @@ def test_compile_fullgraph_patched_xlnet_with_dropout(backend):
     torch.testing.assert_close(loss, eager, rtol=1e-6, atol=1e-6)
     assert_close_dicts(grads(model), want, rtol=1e-5, atol=1e-6)
     aot = torch.compile(xlnet_loss, fullgraph=True, backend="aot_eager")
-    first = [torch.manual_seed(s) and aot(model, *batch_) for s in (21, 21, 22)]
-    assert torch.equal(first[0], first[1]) and not torch.equal(first[0], first[2])
+
+    def aot_loss(seed):
+        torch.manual_seed(seed)
+        return aot(model, *batch_)
+
+    first, again, other = aot_loss(21), aot_loss(21), aot_loss(22)
+    assert torch.equal(first, again) and not torch.equal(first, other)
 
 
 @pytest.mark.parametrize("masking", ["electra", "bert"])
